@@ -1,0 +1,161 @@
+"""Benchmark one method on one labeled data set, by the HealthyGAN protocol.
+
+1. Split once (seeded): known-healthy B, held-out healthy, mixed unlabeled A, validation
+   abnormals, and the test split (official where the layout has one).
+2. Train: HealthyGAN on A + B; one-class methods on B (or on all training normals, as a ceiling).
+3. Choose thresholds on validation data (held-out healthy + validation abnormals), never on test.
+4. Score the test split once and report AUROC (bootstrap CI), AUPRC and threshold metrics,
+   training time, scoring throughput and peak memory.
+
+Checkpoint analysis (HealthyGAN with snapshots): after the run, every kept checkpoint is also
+scored on test, to measure how well label-free AUCp picks. This is analysis only; it does not
+change which checkpoint is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from .data import discover, load_images
+from .detector import Detector, get_method
+from .metrics import evaluate
+from .splits import make_healthygan_split, read_split_manifest, split_counts, write_split_manifest
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def timed_score(det: Detector, images, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray, float]:
+    t0 = time.perf_counter()
+    scores, maps = det.score(images, batch_size=batch_size)
+    dt = time.perf_counter() - t0
+    return scores, maps, len(scores) / dt if dt > 0 else float("nan")
+
+
+def run_method(
+    method: str,
+    data,
+    out_dir,
+    profile: str = "cpu",
+    seed: int = 0,
+    split_seed: int = 0,
+    abnormal_fraction: float = 0.3,
+    config_overrides: dict | None = None,
+    preprocessing_overrides: dict | None = None,
+    device: str = "cpu",
+    precision: str = "32",
+    one_class_train: str = "healthy",  # "healthy" (= B) or "all_normals" (B + holdout + A's normals: a ceiling)
+    progress: bool = True,
+) -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cls = get_method(method)
+    overrides = {"seed": seed, **(config_overrides or {})}
+    det = cls.from_profile(profile, overrides, preprocessing_overrides, device=device, precision=precision)
+
+    split_csv = out_dir / "split.csv"
+    if split_csv.is_file():  # a resumed run reuses its split exactly
+        split = read_split_manifest(split_csv)
+    else:
+        split = make_healthygan_split(discover(data), abnormal_fraction=abnormal_fraction, seed=split_seed)
+        write_split_manifest(split, split_csv)
+
+    prep = det.preprocessing
+    healthy = load_images(split.healthy, prep, progress, "B (healthy)")
+    holdout = load_images(split.healthy_holdout, prep, progress, "healthy hold-out")
+    unlabeled = load_images(split.unlabeled, prep, progress, "A (unlabeled)")
+    val = load_images(split.val, prep, progress, "validation")
+    test = load_images(split.test, prep, progress, "test")
+
+    t0 = time.perf_counter()
+    if cls.needs_unlabeled:
+        det.fit(healthy, unlabeled, holdout=holdout, work_dir=out_dir / "train", progress=progress)
+    else:
+        train = healthy
+        if one_class_train == "all_normals":
+            normals = unlabeled.subset(np.flatnonzero(unlabeled.labels == 0))
+            train = _concat(healthy, holdout, normals)
+        det.fit(train, work_dir=out_dir / "train", progress=progress)
+    train_seconds = time.perf_counter() - t0
+    det.save(out_dir / "model")
+
+    val_scores, _, _ = timed_score(det, val)
+    test_scores, test_maps, images_per_second = timed_score(det, test)
+    result = {
+        "method": method,
+        "profile": profile,
+        "seed": seed,
+        "split_seed": split_seed,
+        "data": str(data),
+        "precision": precision,
+        "device": str(det.device),
+        "image_size": prep.image_size,
+        "split": split_counts(split),
+        "train_seconds": train_seconds,
+        "scoring_images_per_second": images_per_second,
+        "peak_rss_mib": peak_rss_mib(),
+        "torch_threads": torch.get_num_threads(),
+        "test": {
+            rule: evaluate(test.labels, test_scores, rule=rule, val_labels=val.labels, val_scores=val_scores, seed=seed)
+            for rule in ("balanced", "max_f1")
+        },
+        "extra": det.extra_state(),
+    }
+    train_result = getattr(det, "train_result", None)
+    if train_result is not None:
+        result["iterations_per_second"] = train_result.iterations_per_second
+    snapshots = sorted((out_dir / "train" / "snapshots").glob("step_*.safetensors"))
+    if snapshots:
+        result["checkpoint_analysis"] = _checkpoint_analysis(det, snapshots, test, result["extra"])
+    _write_scores(out_dir / "test_scores.csv", test, test_scores)
+    (out_dir / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _checkpoint_analysis(det: Detector, snapshots, test, extra: dict) -> list[dict]:
+    """Test AUROC of every kept checkpoint beside its AUCp: how well does label-free selection pick?"""
+    from sklearn.metrics import roc_auc_score
+
+    aucp = {h["step"]: h["metric"] for h in extra.get("aucp_history", [])}
+    selected = det.state_tensors()
+    rows = []
+    for snap in snapshots:
+        step = int(snap.stem.split("_")[1])
+        det.load_state_tensors(load_file(str(snap)))
+        scores, _ = det.score(test)
+        rows.append({"step": step, "aucp": aucp.get(step), "test_auroc": float(roc_auc_score(test.labels, scores))})
+    det.load_state_tensors(selected)
+    return rows
+
+
+def _concat(*sets):
+    from .data import ImageSet
+
+    return ImageSet(images=torch.cat([s.images for s in sets]), records=[r for s in sets for r in s.records])
+
+
+def _write_scores(path: Path, images, scores) -> None:
+    import csv
+
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "score"])
+        for rec, s in zip(images.records, scores):
+            w.writerow([rec.path, rec.label, f"{s:.6g}"])
+
+
+def markdown_row(r: dict, rule: str = "balanced") -> str:
+    t = r["test"][rule]
+    return (
+        f"| {r['method']} | {r['profile']} | {r['seed']} | {t['auroc']:.3f} [{t['auroc_ci_low']:.3f}, {t['auroc_ci_high']:.3f}] "
+        f"| {t['auprc']:.3f} | {t['precision']:.3f} | {t['recall']:.3f} | {t['specificity']:.3f} | {t['f1']:.3f} "
+        f"| {r['train_seconds'] / 60:.1f} | {r['scoring_images_per_second']:.0f} | {r['peak_rss_mib']:.0f} |"
+    )

@@ -1,0 +1,206 @@
+"""The Detector interface every method implements, and the registry the CLI looks methods up in.
+
+Four verbs, in the spirit of scikit-learn:
+
+    det = get_method("healthygan")(config, preprocessing)
+    det.fit(healthy, unlabeled=None)        # ImageSets (or [N, C, S, S] tensors in [-1, 1])
+    scores, maps = det.score(images)        # [N] float, [N, S, S] float (higher = more anomalous)
+    det.save(run_dir); det = Detector.load(run_dir)
+
+A saved model is `model.safetensors` (every tensor: weights, buffers, memory banks) plus
+`model.json` (method name, config, preprocessing), so it scores new images exactly as in
+training. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+from dataclasses import asdict, fields, is_dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .data import ImageSet
+from .errors import ScanomalyError
+from .preprocess import Preprocessing
+
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_CONFIG = "model.json"
+
+PRECISIONS = ("32", "bf16", "16-mixed")
+
+_REGISTRY: dict[str, type["Detector"]] = {}
+
+
+def register(cls: type["Detector"]) -> type["Detector"]:
+    """Class decorator: make a method available by its `name` (CLI, benchmark, `Detector.load`)."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    _import_builtin_methods()
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> type["Detector"]:
+    _import_builtin_methods()
+    if name not in _REGISTRY:
+        raise ScanomalyError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def _import_builtin_methods() -> None:
+    # importing the package registers every built-in method
+    from . import methods  # noqa: F401
+
+
+def as_tensor(images) -> torch.Tensor:
+    """Accept an ImageSet or a [N, C, S, S] tensor."""
+    if isinstance(images, ImageSet):
+        return images.images
+    if isinstance(images, torch.Tensor) and images.ndim == 4:
+        return images
+    raise ScanomalyError(f"expected an ImageSet or a [N, C, H, W] tensor, got {type(images).__name__}")
+
+
+class Detector(abc.ABC):
+    """Base class. Subclasses set `name` and `Config` (a dataclass), and implement
+    `fit`, `score`, and `state_tensors` / `load_state_tensors` (everything learned, as tensors)."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = object
+    needs_unlabeled: ClassVar[bool] = False  # True for HealthyGAN (trains on healthy + mixed)
+    # named settings: {"cpu": {"config": {...}, "preprocessing": {...}}, "paper": {...}, "tiny": {...}}
+    profiles: ClassVar[dict[str, dict]] = {}
+
+    def __init__(
+        self,
+        config=None,
+        preprocessing: Preprocessing | None = None,
+        device: str = "cpu",
+        precision: str = "32",
+    ):
+        self.config = config if config is not None else self.Config()
+        self.preprocessing = preprocessing if preprocessing is not None else Preprocessing()
+        self.device = torch.device(resolve_device(device))
+        if precision not in PRECISIONS:
+            raise ScanomalyError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.precision = precision
+        flush_denormals()
+
+    @classmethod
+    def from_profile(
+        cls,
+        profile: str = "cpu",
+        config_overrides: dict | None = None,
+        preprocessing_overrides: dict | None = None,
+        device: str = "cpu",
+        precision: str = "32",
+    ) -> "Detector":
+        """Build a detector from a named profile, with explicit options taking precedence."""
+        if profile not in cls.profiles:
+            raise ScanomalyError(f"{cls.name}: unknown profile {profile!r}; available: {', '.join(cls.profiles)}")
+        chosen = cls.profiles[profile]
+        config = config_from_dict(cls.Config, {**chosen.get("config", {}), **(config_overrides or {})})
+        prep = Preprocessing.from_dict({**chosen.get("preprocessing", {}), **(preprocessing_overrides or {})})
+        return cls(config, prep, device=device, precision=precision)
+
+    def reconstruct(self, images, batch_size: int = 64) -> np.ndarray | None:
+        """The model's normal-looking version of each image ([N, C, S, S] in [-1, 1]), if it has one.
+        HealthyGAN's healthy translation, an autoencoder's reconstruction; None for feature methods."""
+        return None
+
+    # -- the verbs ------------------------------------------------------------------------
+    @abc.abstractmethod
+    def fit(self, healthy, unlabeled=None, **kwargs) -> "Detector":
+        ...
+
+    @abc.abstractmethod
+    def score(self, images, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        ...
+
+    # -- persistence ----------------------------------------------------------------------
+    @abc.abstractmethod
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        ...
+
+    @abc.abstractmethod
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        ...
+
+    def extra_state(self) -> dict[str, Any]:
+        """JSON-serialisable state beyond the config (e.g. score normalisation constants)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def save(self, directory) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_tensors().items()}
+        save_file(tensors, str(directory / MODEL_WEIGHTS))
+        meta = {
+            "method": self.name,
+            "config": config_to_dict(self.config),
+            "preprocessing": self.preprocessing.to_dict(),
+            "extra": self.extra_state(),
+        }
+        (directory / MODEL_CONFIG).write_text(json.dumps(meta, indent=2))
+        return directory
+
+    @staticmethod
+    def load(directory, device: str = "cpu") -> "Detector":
+        directory = Path(directory)
+        meta_path, weights_path = directory / MODEL_CONFIG, directory / MODEL_WEIGHTS
+        if not meta_path.is_file() or not weights_path.is_file():
+            raise ScanomalyError(f"{directory}: not a saved model (expected {MODEL_CONFIG} and {MODEL_WEIGHTS})")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ScanomalyError(f"{meta_path}: corrupt model config ({exc})") from None
+        cls = get_method(meta["method"])
+        det = cls(config_from_dict(cls.Config, meta["config"]), Preprocessing.from_dict(meta["preprocessing"]), device=device)
+        det.load_state_tensors(load_file(str(weights_path)))
+        det.load_extra_state(meta.get("extra", {}))
+        return det
+
+
+def flush_denormals() -> None:
+    """Treat denormal floats as zero on the CPU.
+
+    GAN weights and gradients drift into the denormal range, where x86 arithmetic is ~100x
+    slower: on 2 cores HealthyGAN's cpu profile ran 10x slower without this (BENCHMARKS.md).
+    Values that small carry no information for these models.
+    """
+    torch.set_flush_denormal(True)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ScanomalyError("--device cuda was asked for, but PyTorch sees no CUDA GPU (use --device cpu or auto)")
+    return device
+
+
+def config_to_dict(config) -> dict:
+    return asdict(config) if is_dataclass(config) else dict(vars(config))
+
+
+def config_from_dict(config_cls, d: dict):
+    if not is_dataclass(config_cls):
+        return config_cls()
+    known = {f.name for f in fields(config_cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ScanomalyError(f"unknown {config_cls.__qualname__} option(s): {sorted(unknown)}")
+    # JSON turns tuples into lists; give tuples back where the default is one
+    defaults = {f.name: f.default for f in fields(config_cls)}
+    clean = {k: tuple(v) if isinstance(v, list) and isinstance(defaults.get(k), tuple) else v for k, v in d.items()}
+    return config_cls(**clean)

@@ -1,0 +1,114 @@
+"""Shared pieces of the patch-feature methods (PaDiM, PatchCore).
+
+- building the frozen backbone from a method's config, and running it batch by batch
+  (with autocast for bf16 / 16-mixed);
+- turning per-position scores into an anomaly map at the input resolution: bilinear upsampling,
+  then a Gaussian blur with sigma = 4 (both papers), written as two 1-D convolutions;
+- saving / restoring a randomly initialised backbone (pretrained ones are reloaded from their source).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..backbones import FeatureExtractor, get_backbone, is_random
+from ..errors import ScanomalyError
+
+BACKBONE_PREFIX = "backbone."
+
+
+def build_extractor(name: str, weights, stages, device: torch.device) -> FeatureExtractor:
+    return get_backbone(name, weights=weights, stages=list(stages)).to(device)
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed precision for the backbone only; statistics and distances stay in float32/64.
+    On the CPU, "16-mixed" runs in bfloat16 (float16 convolutions are slow or missing there)."""
+    if precision == "32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" or device.type != "cuda" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def batches(images: torch.Tensor, batch_size: int, progress: bool, desc: str) -> Iterator[torch.Tensor]:
+    n = images.shape[0]
+    starts = range(0, n, batch_size)
+    for s in tqdm(starts, desc=desc, disable=not progress or len(starts) < 2, leave=False):
+        yield images[s : s + batch_size]
+
+
+@torch.no_grad()
+def stage_features(extractor: FeatureExtractor, x: torch.Tensor, device: torch.device, precision: str) -> list[torch.Tensor]:
+    """One batch of our [-1, 1] images -> the backbone's stage outputs, float32, on `device`."""
+    x = extractor.prepare(x.to(device, torch.float32))
+    with autocast(device, precision):
+        feats = extractor(x)
+    return [f.float() for f in feats]
+
+
+def check_images(x: torch.Tensor, image_size: int | None = None) -> None:
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise ScanomalyError(f"expected [N, 1 or 3, S, S] images, got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ScanomalyError("no images given")
+    if image_size is not None and tuple(x.shape[-2:]) != (image_size, image_size):
+        raise ScanomalyError(
+            f"the model was fitted on {image_size}x{image_size} images, got {x.shape[-2]}x{x.shape[-1]}; "
+            "use the model's own preprocessing"
+        )
+
+
+# ------------------------------------------------------------------------------------------
+# anomaly maps
+# ------------------------------------------------------------------------------------------
+def gaussian_kernel1d(sigma: float, device=None) -> torch.Tensor:
+    radius = int(math.ceil(4.0 * sigma))  # +-4 sigma holds all but ~6e-5 of the mass
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return k / k.sum()
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """[N, H, W] -> [N, H, W], separable Gaussian blur with reflected borders."""
+    if sigma <= 0:
+        return maps
+    k = gaussian_kernel1d(sigma, maps.device).to(maps.dtype)
+    radius = len(k) // 2
+    radius = min(radius, maps.shape[-1] - 1, maps.shape[-2] - 1)  # reflection needs pad < size
+    k = k[len(k) // 2 - radius : len(k) // 2 + radius + 1]
+    k = k / k.sum()
+    x = maps.unsqueeze(1)
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1))
+    return x.squeeze(1)
+
+
+def to_anomaly_map(grid_scores: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
+    """Per-position scores [N, h, w] -> smoothed map [N, size, size] (bilinear upsampling, then blur)."""
+    up = F.interpolate(grid_scores.unsqueeze(1).float(), size=(size, size), mode="bilinear", align_corners=False)
+    return gaussian_blur(up.squeeze(1), sigma)
+
+
+# ------------------------------------------------------------------------------------------
+# persistence of a random backbone
+# ------------------------------------------------------------------------------------------
+def backbone_state(extractor: FeatureExtractor, weights) -> dict[str, torch.Tensor]:
+    """Random weights cannot be rebuilt from a name, so they are saved with the model;
+    pretrained ones are reloaded from `backbone_weights` and are not duplicated."""
+    if not is_random(weights):
+        return {}
+    return {BACKBONE_PREFIX + k: v for k, v in extractor.net.state_dict().items()}
+
+
+def load_backbone_state(extractor: FeatureExtractor, weights, tensors: dict[str, torch.Tensor]) -> None:
+    sd = {k[len(BACKBONE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(BACKBONE_PREFIX)}
+    if is_random(weights):
+        if not sd:
+            raise ScanomalyError("the saved model uses a random backbone but holds no backbone weights")
+        extractor.net.load_state_dict(sd, strict=True)

@@ -1,0 +1,363 @@
+"""HealthyGAN (Rahman Siddiquee et al., 2022): learn to make any scan look healthy from a mixed,
+unlabeled set A and a known-healthy set B; the anomaly is what had to change.
+
+    generator:  x -> (T, M);  healthy(x) = M·T + (1−M)·x        (attention-masked translation)
+    critic:     WGAN-GP, real = B, fake = healthy(A)
+    losses (generator, every n_critic iterations):
+        adversarial   −D(healthy(A)) − D(healthy(B))
+        identity      |x_B − T_B|                               (healthy scans need no change)
+        reconstruction|x_A − (M_A·x_A + (1−M_A)·T_A)|           (where the mask is off, T must equal x:
+                                                                 replaces CycleGAN's cycle consistency)
+        mask          (mean M)² + mean 1/(|M−0.5|+0.01) − 1/0.51 (small masks, near 0 or 1)
+    score:  mean |x − healthy(x)| / 2;  heatmap |x − healthy(x)|
+
+What differs from the official code, and why (measured in BENCHMARKS.md): the learning rate really
+decays linearly to 0 over the last quarter (the official decrement is ~1e-9 per step, i.e. none);
+scoring uses an exponential moving average of the generator's weights; the critic's depth and
+width follow the image size; and the scoring checkpoint can be chosen label-free by AUCp (the
+authors' pseudo-AUC of held-out healthy scans against the unlabeled pool).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+from sklearn.metrics import roc_auc_score
+
+from ..data import ImageSet
+from ..detector import Detector, as_tensor, register
+from ..errors import ScanomalyError
+from ..nn.blocks import ResidualBlock, gradient_penalty, num_halvings
+from ..training.loop import GANTask, GANTrainer, LoopSettings, Phase, autocast_context
+
+
+# ---------------------------------------------------------------------------------------------
+# networks
+# ---------------------------------------------------------------------------------------------
+class MaskedTranslator(nn.Module):
+    """StarGAN-style generator without biases: 7x7 stem, two stride-2 downs, residual blocks,
+    two stride-2 ups, 7x7 head to C+1 channels: C for the translation T, 1 for the mask M."""
+
+    def __init__(self, channels: int = 1, width: int = 64, residual_blocks: int = 6):
+        super().__init__()
+        w = width
+        layers: list[nn.Module] = [
+            nn.Conv2d(channels, w, 7, 1, 3, bias=False),
+            nn.InstanceNorm2d(w, affine=True),
+            nn.ReLU(inplace=True),
+        ]
+        for _ in range(2):
+            layers += [nn.Conv2d(w, w * 2, 4, 2, 1, bias=False), nn.InstanceNorm2d(w * 2, affine=True), nn.ReLU(inplace=True)]
+            w *= 2
+        layers += [ResidualBlock(w) for _ in range(residual_blocks)]
+        for _ in range(2):
+            layers += [
+                nn.ConvTranspose2d(w, w // 2, 4, 2, 1, bias=False),
+                nn.InstanceNorm2d(w // 2, affine=True),
+                nn.ReLU(inplace=True),
+            ]
+            w //= 2
+        layers.append(nn.Conv2d(w, channels + 1, 7, 1, 3, bias=False))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (healthy, T, M)."""
+        out = self.net(x)
+        translation = torch.tanh(out[:, :-1])
+        mask = (torch.tanh(out[:, -1:]) + 1) / 2
+        healthy = mask * translation + (1 - mask) * x
+        return healthy, translation, mask
+
+
+class PatchCritic(nn.Module):
+    """WGAN critic: stride-2 conv4x4 + LeakyReLU(0.01), widths doubling from `width` up to
+    `max_width`, until the map is `final_size` wide; then conv3x3 -> 1 (a patch map). No norm
+    (the gradient penalty is per sample). At 256 px with 64..2048 this is the original's six layers."""
+
+    def __init__(self, channels: int, image_size: int, width: int = 64, max_width: int = 2048, final_size: int = 4):
+        super().__init__()
+        layers: list[nn.Module] = []
+        ch_in, ch = channels, width
+        for _ in range(num_halvings(image_size, final_size)):
+            layers += [nn.Conv2d(ch_in, ch, 4, 2, 1), nn.LeakyReLU(0.01, inplace=True)]
+            ch_in, ch = ch, min(ch * 2, max_width)
+        layers.append(nn.Conv2d(ch_in, 1, 3, 1, 1, bias=False))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# losses
+# ---------------------------------------------------------------------------------------------
+def mask_loss(mask: torch.Tensor) -> torch.Tensor:
+    """(mean M)² keeps masks small; mean 1/(|M−0.5|+0.01) − 1/0.51 (0 when M ∈ {0, 1}) keeps them binary."""
+    return mask.mean() ** 2 + (1.0 / ((mask - 0.5).abs() + 0.01)).mean() - 1.0 / 0.51
+
+
+def identity_loss(x_b: torch.Tensor, translation_b: torch.Tensor) -> torch.Tensor:
+    """Healthy scans need no change: on B, the raw translation T (not the blend) must equal x."""
+    return (x_b - translation_b).abs().mean()
+
+
+def reconstruction_loss(x_a: torch.Tensor, translation_a: torch.Tensor, mask_a: torch.Tensor) -> torch.Tensor:
+    """Where the mask is off, the translation must equal the input: |x − (M·x + (1−M)·T)|."""
+    return (x_a - (mask_a * x_a + (1 - mask_a) * translation_a)).abs().mean()
+
+
+def anomaly_map(x: torch.Tensor, healthy: torch.Tensor) -> torch.Tensor:
+    """|x − healthy(x)|, averaged over channels: [N, S, S] in [0, 2]."""
+    return (x - healthy).abs().mean(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# training task: what the generic GAN loop runs
+# ---------------------------------------------------------------------------------------------
+class HealthyGANTask(GANTask):
+    ema_modules = ("generator",)
+
+    def __init__(self, generator: MaskedTranslator, critic: PatchCritic, cfg: "HealthyGANConfig"):
+        self.generator, self.critic, self.cfg = generator, critic, cfg
+        self._optimizers = {
+            "generator": torch.optim.Adam(generator.parameters(), lr=cfg.lr, betas=tuple(cfg.betas)),
+            "critic": torch.optim.Adam(critic.parameters(), lr=cfg.lr, betas=tuple(cfg.betas)),
+        }
+
+    def modules(self):
+        return {"generator": self.generator, "critic": self.critic}
+
+    def optimizers(self):
+        return self._optimizers
+
+    def phases(self):
+        return [
+            Phase("critic", optimizer="critic", modules=("critic",), every=1),
+            Phase("generator", optimizer="generator", modules=("generator",), every=self.cfg.n_critic),
+        ]
+
+    def loss(self, phase, batch):
+        x_a, x_b, cfg = batch["a"], batch["b"], self.cfg
+        if phase == "critic":
+            with torch.no_grad():
+                fake = self.generator(x_a)[0]
+            d_real, d_fake = self.critic(x_b).mean(), self.critic(fake).mean()
+            gp = gradient_penalty(self.critic, x_b, fake)
+            loss = -d_real + d_fake + cfg.lambda_gp * gp
+            return loss, {"D/wasserstein": (d_real - d_fake).item(), "D/gp": gp.item()}
+
+        healthy_a, t_a, m_a = self.generator(x_a)
+        healthy_b, t_b, m_b = self.generator(x_b)
+        adv = -self.critic(healthy_a).mean() - self.critic(healthy_b).mean()
+        idt = identity_loss(x_b, t_b)
+        rec = reconstruction_loss(x_a, t_a, m_a)
+        msk = (mask_loss(m_a) + mask_loss(m_b)) / 2
+        loss = adv + cfg.lambda_id * idt + cfg.lambda_rec * rec + cfg.lambda_mask * msk
+        logs = {"G/adv": adv, "G/id": idt, "G/rec": rec, "G/mask": msk, "G/mask_mean": m_a.mean()}
+        return loss, {k: v.item() for k, v in logs.items()}
+
+    def sample_rows(self, batch):
+        x = batch["a"]
+        healthy, _, mask = self.generator(x)
+        return [("input", x), ("healthy", healthy), ("mask", mask), ("difference", anomaly_map(x, healthy)[:, None])]
+
+
+# ---------------------------------------------------------------------------------------------
+# the detector
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class HealthyGANConfig:
+    width: int = 64
+    residual_blocks: int = 6
+    critic_width: int = 64
+    critic_max_width: int = 2048
+    critic_final_size: int = 4
+    iterations: int = 400_000
+    batch_size: int = 16
+    n_critic: int = 2
+    lr: float = 1e-4
+    betas: tuple = (0.5, 0.999)
+    lambda_gp: float = 10.0
+    lambda_id: float = 1.0
+    lambda_rec: float = 1.0
+    lambda_mask: float = 0.1
+    lr_decay_fraction: float = 0.25
+    ema_decay: float = 0.999  # scoring uses the EMA generator; 0 scores the raw generator
+    hflip: bool = True
+    checkpoint_every: int = 10_000
+    sample_every: int = 10_000
+    selection: str = "aucp"  # "aucp": keep the checkpoint with the best pseudo-AUC; "last": the final one
+    holdout_fraction: float = 0.1  # of B, held out for AUCp when no holdout set is given
+    aucp_pool: int = 256  # unlabeled images scored for AUCp at each checkpoint
+    keep_snapshots: bool = False
+    seed: int = 0
+
+
+@register
+class HealthyGAN(Detector):
+    name = "healthygan"
+    Config = HealthyGANConfig
+    needs_unlabeled = True
+    profiles = {
+        # the original: 256 px RGB, width 64, 2048-channel critic, 400k iterations on a GPU
+        "paper": {
+            "config": {},
+            "preprocessing": {"image_size": 256, "channels": 3, "top_crop": 0.08},
+        },
+        # ~30 minutes on 2 CPU cores (see BENCHMARKS.md for how this trade-off was chosen)
+        "cpu": {
+            "config": {
+                "width": 32,
+                "residual_blocks": 6,
+                "critic_width": 32,
+                "critic_max_width": 256,
+                "iterations": 3000,
+                "checkpoint_every": 250,
+                "sample_every": 500,
+            },
+            "preprocessing": {"image_size": 64, "channels": 1, "top_crop": 0.08},
+        },
+        # seconds, for tests and smoke runs
+        "tiny": {
+            "config": {
+                "width": 8,
+                "residual_blocks": 1,
+                "critic_width": 8,
+                "critic_max_width": 32,
+                "iterations": 20,
+                "batch_size": 4,
+                "checkpoint_every": 10,
+                "sample_every": 10,
+                "aucp_pool": 16,
+                "ema_decay": 0.9,
+            },
+            "preprocessing": {"image_size": 32, "channels": 1},
+        },
+    }
+
+    def __init__(self, config=None, preprocessing=None, device="cpu", precision="32"):
+        super().__init__(config, preprocessing, device, precision)
+        c, p = self.config, self.preprocessing
+        if c.selection not in ("aucp", "last"):
+            raise ScanomalyError(f"selection must be 'aucp' or 'last', got {c.selection!r}")
+        torch.manual_seed(c.seed)  # the initial weights are part of the seeded run
+        self.generator = MaskedTranslator(p.channels, c.width, c.residual_blocks).to(self.device)
+        self.critic = PatchCritic(p.channels, p.image_size, c.critic_width, c.critic_max_width, c.critic_final_size).to(self.device)
+        self.scoring_generator = self.generator  # replaced by the EMA / AUCp-selected weights after fit
+        self.train_result = None
+
+    # -- fit ---------------------------------------------------------------------------------
+    def fit(self, healthy, unlabeled=None, *, holdout=None, work_dir=None, progress=True):
+        if unlabeled is None:
+            raise ScanomalyError("HealthyGAN trains on a known-healthy set B and a mixed unlabeled set A: give --unlabeled (or --from-labeled)")
+        x_b, x_a = as_tensor(healthy), as_tensor(unlabeled)
+        c = self.config
+        if holdout is None and c.selection == "aucp":
+            x_b, x_hold = _split_off(x_b, c.holdout_fraction, c.seed)
+        else:
+            x_hold = None if holdout is None else as_tensor(holdout)
+        if len(x_b) == 0 or len(x_a) == 0:
+            raise ScanomalyError("HealthyGAN needs at least one healthy and one unlabeled training image")
+
+        evaluate = None
+        if c.selection == "aucp" and x_hold is not None and len(x_hold):
+            pool = x_a[torch.randperm(len(x_a), generator=torch.Generator().manual_seed(c.seed))[: c.aucp_pool]]
+            evaluate = lambda mods: self._aucp(mods["generator"], x_hold, pool)  # noqa: E731
+
+        task = HealthyGANTask(self.generator, self.critic, c)
+        settings = LoopSettings(
+            iterations=c.iterations,
+            batch_size=c.batch_size,
+            seed=c.seed,
+            lr_decay_fraction=c.lr_decay_fraction,
+            ema_decay=c.ema_decay,
+            hflip=c.hflip,
+            checkpoint_every=c.checkpoint_every,
+            sample_every=c.sample_every,
+            keep_snapshots=c.keep_snapshots,
+            precision=self.precision,
+        )
+        sample = {"a": x_a[:8]}
+        trainer = GANTrainer(task, {"a": x_a, "b": x_b}, settings, work_dir, self.device, progress, evaluate, sample)
+        if c.ema_decay <= 0:
+            trainer.ema.clear()
+        self.train_result = trainer.fit()
+        self.scoring_generator = trainer.scoring_modules()["generator"]
+        if evaluate is not None and work_dir is not None and self.train_result.best_step is not None:
+            self._load_best(work_dir)
+        self.scoring_generator.eval()
+        return self
+
+    def _load_best(self, work_dir) -> None:
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        best = load_file(str(Path(work_dir) / "best.safetensors"))
+        self.scoring_generator.load_state_dict({k[len("generator."):]: v for k, v in best.items() if k.startswith("generator.")})
+
+    @torch.no_grad()
+    def _aucp(self, generator, healthy_holdout, unlabeled_pool) -> float:
+        """Pseudo-AUC: held-out healthy as 0, the unlabeled pool as 1. No labels needed."""
+        s0 = self._scores_with(generator, healthy_holdout)
+        s1 = self._scores_with(generator, unlabeled_pool)
+        y = np.r_[np.zeros(len(s0)), np.ones(len(s1))]
+        return float(roc_auc_score(y, np.r_[s0, s1]))
+
+    # -- score -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _translate(self, generator, x: torch.Tensor) -> torch.Tensor:
+        with autocast_context(self.device, self.precision):
+            healthy = generator(x.to(self.device))[0]
+        return healthy.float()
+
+    def _scores_with(self, generator, images, batch_size=64) -> np.ndarray:
+        out = []
+        for i in range(0, len(images), batch_size):
+            x = images[i : i + batch_size].to(self.device)
+            out.append((anomaly_map(x, self._translate(generator, x)).flatten(1).mean(1) / 2).cpu())
+        return torch.cat(out).numpy()
+
+    @torch.no_grad()
+    def score(self, images, batch_size: int = 64):
+        x_all = as_tensor(images)
+        self.scoring_generator.eval()
+        scores, maps = [], []
+        for i in range(0, len(x_all), batch_size):
+            x = x_all[i : i + batch_size].to(self.device)
+            amap = anomaly_map(x, self._translate(self.scoring_generator, x))
+            scores.append(amap.flatten(1).mean(1) / 2)  # the paper's score: mean |x − x'| / 2
+            maps.append(amap)
+        return torch.cat(scores).cpu().numpy(), torch.cat(maps).cpu().numpy().astype(np.float32)
+
+    @torch.no_grad()
+    def reconstruct(self, images, batch_size: int = 64):
+        x_all = as_tensor(images)
+        self.scoring_generator.eval()
+        out = [self._translate(self.scoring_generator, x_all[i : i + batch_size]).cpu() for i in range(0, len(x_all), batch_size)]
+        return torch.cat(out).numpy()
+
+    # -- persistence: the scoring generator is the model; the critic is only needed to train ----
+    def state_tensors(self):
+        return {f"generator.{k}": v for k, v in self.scoring_generator.state_dict().items()}
+
+    def load_state_tensors(self, tensors):
+        self.generator.load_state_dict({k[len("generator."):]: v for k, v in tensors.items() if k.startswith("generator.")})
+        self.scoring_generator = self.generator.eval()
+
+    def extra_state(self):
+        r = self.train_result
+        if r is None:
+            return {}
+        return {"trained_steps": r.steps, "selected_step": r.best_step, "aucp": r.best_metric, "aucp_history": r.history}
+
+
+def _split_off(x: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hold a seeded `fraction` of x out of training (at least one image when x has two or more)."""
+    n_hold = int(round(len(x) * fraction))
+    n_hold = min(max(n_hold, 1 if len(x) > 1 else 0), len(x) - 1)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed + 1))
+    return x[perm[n_hold:]], x[perm[:n_hold]]

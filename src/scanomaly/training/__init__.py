@@ -1,0 +1,1 @@
+"""The one GAN training loop every method uses."""
