@@ -92,6 +92,8 @@ class Detector(abc.ABC):
             raise ScanomalyError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.precision = precision
         flush_denormals()
+        if precision == "bf16" and self.device.type == "cpu":
+            ensure_cpu_bf16()
 
     @classmethod
     def from_profile(
@@ -179,6 +181,39 @@ def flush_denormals() -> None:
     Values that small carry no information for these models.
     """
     torch.set_flush_denormal(True)
+
+
+_BF16_PROBE = (
+    "import torch\n"
+    "with torch.autocast('cpu', dtype=torch.bfloat16):\n"
+    "    torch.nn.Conv2d(8, 8, 3)(torch.randn(2, 8, 16, 16)).sum().backward()\n"
+)
+
+
+def ensure_cpu_bf16(run=None) -> bool:
+    """Make CPU bf16 safe where the CPU advertises AMX tiles that the kernel or hypervisor does not
+    enable (oneDNN then dies with SIGILL, as on this project's CI machines).
+
+    A bf16 convolution is tried once in a subprocess; if it dies, oneDNN is capped at AVX-512 bf16
+    for this process (ONEDNN_MAX_CPU_ISA, read when oneDNN first runs). Returns True if capped.
+    """
+    import os
+    import subprocess
+    import sys
+    import warnings
+
+    if "ONEDNN_MAX_CPU_ISA" in os.environ:
+        return False
+    run = run or subprocess.run
+    probe = run([sys.executable, "-c", _BF16_PROBE], capture_output=True, timeout=120)
+    if probe.returncode == 0:
+        return False
+    os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX512_CORE_BF16"
+    warnings.warn(
+        "bf16 with this CPU's AMX units crashed in a test run (exit code "
+        f"{probe.returncode}); using AVX-512 bf16 instead, which may be slower than --precision 32"
+    )
+    return True
 
 
 def resolve_device(device: str) -> str:

@@ -41,8 +41,11 @@ class MaskedTranslator(nn.Module):
     """StarGAN-style generator without biases: 7x7 stem, two stride-2 downs, residual blocks,
     two stride-2 ups, 7x7 head to C+1 channels: C for the translation T, 1 for the mask M."""
 
-    def __init__(self, channels: int = 1, width: int = 64, residual_blocks: int = 6):
+    def __init__(self, channels: int = 1, width: int = 64, residual_blocks: int = 6, mask_offset: float = 0.0):
         super().__init__()
+        # a fixed offset on the mask logit: 0 is the original (masks start at 0.5 everywhere);
+        # negative starts the translation as the identity, so the mask grows only where needed
+        self.mask_offset = mask_offset
         w = width
         layers: list[nn.Module] = [
             nn.Conv2d(channels, w, 7, 1, 3, bias=False),
@@ -67,7 +70,7 @@ class MaskedTranslator(nn.Module):
         """Returns (healthy, T, M)."""
         out = self.net(x)
         translation = torch.tanh(out[:, :-1])
-        mask = (torch.tanh(out[:, -1:]) + 1) / 2
+        mask = (torch.tanh(out[:, -1:] + self.mask_offset) + 1) / 2
         healthy = mask * translation + (1 - mask) * x
         return healthy, translation, mask
 
@@ -184,6 +187,7 @@ class HealthyGANConfig:
     lambda_id: float = 1.0
     lambda_rec: float = 1.0
     lambda_mask: float = 0.1
+    mask_offset: float = 0.0  # fixed offset on the mask logit (0 = original; negative = start from identity)
     lr_decay_fraction: float = 0.25
     ema_decay: float = 0.999  # scoring uses the EMA generator; 0 scores the raw generator
     hflip: bool = True
@@ -244,7 +248,7 @@ class HealthyGAN(Detector):
         if c.selection not in ("aucp", "last"):
             raise ScanomalyError(f"selection must be 'aucp' or 'last', got {c.selection!r}")
         torch.manual_seed(c.seed)  # the initial weights are part of the seeded run
-        self.generator = MaskedTranslator(p.channels, c.width, c.residual_blocks).to(self.device)
+        self.generator = MaskedTranslator(p.channels, c.width, c.residual_blocks, c.mask_offset).to(self.device)
         self.critic = PatchCritic(p.channels, p.image_size, c.critic_width, c.critic_max_width, c.critic_final_size).to(self.device)
         self.scoring_generator = self.generator  # replaced by the EMA / AUCp-selected weights after fit
         self.train_result = None

@@ -122,24 +122,30 @@ class EMA:
     """Exponential moving average of a module's parameters (buffers are copied).
 
     GAN generators oscillate; averaging their weights over the last few hundred steps gives a
-    smoother, usually better model for scoring (Yazıcı et al. 2019).
+    smoother, usually better model for scoring (Yazıcı et al. 2019). The decay warms up as
+    min(decay, (1 + n) / (10 + n)) after n updates, so that early checkpoints are not dominated
+    by the random initial weights.
     """
 
     def __init__(self, module: nn.Module, decay: float = 0.999):
         self.decay = decay
+        self.num_updates = 0
         self.module = copy.deepcopy(module).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
+        self.num_updates += 1
+        decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         for ema_p, p in zip(self.module.parameters(), module.parameters()):
-            ema_p.lerp_(p.detach(), 1.0 - self.decay)
+            ema_p.lerp_(p.detach(), 1.0 - decay)
         for ema_b, b in zip(self.module.buffers(), module.buffers()):
             ema_b.copy_(b)
 
-    def state_dict(self):
-        return self.module.state_dict()
+    def state_dict(self) -> dict:
+        return {"module": self.module.state_dict(), "num_updates": self.num_updates}
 
-    def load_state_dict(self, state):
-        self.module.load_state_dict(state)
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.num_updates = int(state["num_updates"])

@@ -373,7 +373,8 @@ class GANTrainer:
                     window.clear()
                     bar.set_postfix({k: f"{v:.3g}" for k, v in list(means.items())[:4]}, refresh=False)
                     if log_path is not None:
-                        _append_log(log_path, {"step": self.step, "lr_factor": lr, **means})
+                        elapsed = time.perf_counter() - t0
+                        _append_log(log_path, {"step": self.step, "seconds": round(elapsed, 1), "lr_factor": lr, **means})
                 if self.sample_batch is not None and self.work_dir is not None and (
                     self.step % s.sample_every == 0 or self.step == s.iterations
                 ):

@@ -1,0 +1,33 @@
+"""Validation AUROC of every kept checkpoint of a benchmark run (development aid; never looks at test).
+
+    python benchmarks/val_trajectory.py bench_runs/hg_v1
+
+Scores the run's validation set (held-out healthy + validation abnormals from split.csv) with each
+snapshot in RUN/train/snapshots, beside the label-free AUCp logged during training.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from sklearn.metrics import roc_auc_score
+
+from scanomaly.data import load_images
+from scanomaly.detector import get_method
+from scanomaly.splits import read_split_manifest
+
+
+def main(run: str, method: str = "healthygan", profile: str = "cpu") -> None:
+    run = Path(run)
+    torch.set_num_threads(1)
+    det = get_method(method).from_profile(profile)
+    val = load_images(read_split_manifest(run / "split.csv").val, det.preprocessing, progress=False)
+    for snap in sorted((run / "train" / "snapshots").glob("step_*.safetensors")):
+        det.load_state_tensors(load_file(str(snap)))
+        scores, _ = det.score(val)
+        print(f"{snap.stem}: val AUROC {roc_auc_score(val.labels, scores):.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

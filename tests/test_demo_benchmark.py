@@ -1,0 +1,61 @@
+"""The bundled demo and the single-method benchmark runner, end to end on small inputs."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from scanomaly.benchmark import markdown_row, run_method
+from scanomaly.cli import main
+from scanomaly.demo import demo_data_dir, run_demo
+from scanomaly.splits import read_split_manifest
+
+from conftest import make_tiny_tree
+
+
+def test_bundled_demo_sample_is_complete_and_licensed():
+    root = demo_data_dir()
+    counts = {(s, c): len(list((root / s / c).glob("*.png"))) for s in ("train", "test") for c in ("normal", "abnormal")}
+    assert counts == {("train", "normal"): 200, ("train", "abnormal"): 60, ("test", "normal"): 50, ("test", "abnormal"): 50}
+    source = (root / "SOURCE.md").read_text()
+    assert "CC BY 4.0" in source and "Kermany" in source
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert run_demo(SimpleNamespace(out=str(out), iters=4, device="cpu", no_progress=True)) == 0
+    printed = capsys.readouterr().out
+    assert "AUROC" in printed or "auroc" in printed
+    result = json.loads((out / "result.json").read_text())
+    assert result["split"]["test"] == 100
+    assert 0.0 <= result["test"]["balanced"]["auroc"] <= 1.0
+    assert result["test"]["balanced"]["threshold_source"] == "validation"
+    assert len(list((out / "heatmaps").glob("*.png"))) == 8
+    assert (out / "test_scores.csv").read_text().count("\n") == 101
+
+
+def test_demo_cli_verb(tmp_path):
+    assert main(["demo", "--out", str(tmp_path / "d"), "--iters", "2", "--device", "cpu"]) == 0
+    assert (tmp_path / "d" / "model" / "model.safetensors").is_file()
+
+
+def test_run_method_trains_one_class_and_healthygan(tmp_path):
+    data = make_tiny_tree(tmp_path / "data", n=12, size=32)
+    for method in ("healthygan",):
+        r = run_method(method, data, tmp_path / method, profile="tiny", progress=False)
+        split = read_split_manifest(tmp_path / method / "split.csv")
+        assert r["split"]["test"] == len(split.test) == 24
+        t = r["test"]["balanced"]
+        assert 0 <= t["auroc_ci_low"] <= t["auroc"] <= t["auroc_ci_high"] <= 1
+        assert markdown_row(r).startswith(f"| {method} | tiny | 0 |")
+        # a second run in the same folder reuses the split file exactly
+        again = run_method(method, data, tmp_path / method, profile="tiny", progress=False)
+        assert again["split"] == r["split"]
+
+
+def test_checkpoint_analysis_scores_every_snapshot(tmp_path):
+    data = make_tiny_tree(tmp_path / "data", n=10, size=32)
+    r = run_method("healthygan", data, tmp_path / "run", profile="tiny", config_overrides={"keep_snapshots": True}, progress=False)
+    rows = r["checkpoint_analysis"]
+    assert [row["step"] for row in rows] == [10, 20]
+    assert all(row["aucp"] is not None and 0 <= row["test_auroc"] <= 1 for row in rows)
