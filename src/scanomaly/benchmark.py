@@ -54,6 +54,7 @@ def run_method(
     precision: str = "32",
     one_class_train: str = "healthy",  # "healthy" (= B) or "all_normals" (B + holdout + A's normals: a ceiling)
     progress: bool = True,
+    n_bootstrap: int = 1000,  # resamples for the test AUROC's bootstrap CI
 ) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -104,7 +105,8 @@ def run_method(
         "peak_rss_mib": peak_rss_mib(),
         "torch_threads": torch.get_num_threads(),
         "test": {
-            rule: evaluate(test.labels, test_scores, rule=rule, val_labels=val.labels, val_scores=val_scores, seed=seed)
+            rule: evaluate(test.labels, test_scores, rule=rule, val_labels=val.labels, val_scores=val_scores, seed=seed,
+                           n_bootstrap=n_bootstrap)
             for rule in ("balanced", "max_f1")
         },
         "extra": det.extra_state(),

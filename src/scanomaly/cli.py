@@ -5,6 +5,8 @@
     scanomaly score RUN IMAGES --out scores.csv [--heatmaps DIR]
     scanomaly evaluate scores.csv --data DIR [--val-scores RUN/val_scores.csv]
     scanomaly demo
+    scanomaly benchmark --data DIR --methods healthygan,padim --seeds 3 --out BENCH
+    scanomaly report BENCH_OR_RUN                       rebuild report.html from saved results
 
 User errors print `error: <message>` and exit with status 2; Ctrl-C exits with 130.
 """
@@ -557,6 +559,60 @@ def _cmd_demo(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------
+# benchmark and report
+# ------------------------------------------------------------------------------------------
+def _set_options(items) -> dict:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ScanomalyError(f"--set expects key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        out[key.strip()] = _parse_value(text)
+    return out
+
+
+def _cmd_benchmark(args) -> int:
+    from .suite import ALL_METHODS, results_markdown, run_benchmark
+
+    out = _abspath(args.out)
+    results = run_benchmark(
+        _abspath(args.data),
+        args.methods or ",".join(ALL_METHODS),
+        out,
+        profile=args.profile,
+        seeds=args.seeds,
+        split_seed=args.split_seed,
+        abnormal_fraction=args.abnormal_fraction,
+        one_class_train=args.one_class_train,
+        config_overrides=_set_options(args.set),
+        device=args.device,
+        precision=args.precision,
+        n_bootstrap=args.n_bootstrap,
+        report=not args.no_report,
+        progress=not args.no_progress,
+    )
+    print(results_markdown(results))
+    report = out / "report.html"
+    print(f"results in {out / 'results.json'}, results.csv, results.md"
+          + (f"; report in {report}" if not args.no_report and report.is_file() else ""))
+    failed = [r for r in results["runs"] if r["status"] != "ok"]
+    if failed:
+        print(f"warning: {len(failed)} of {len(results['runs'])} run(s) failed; their errors are listed above "
+              f"and in {out}/<method>/seed<k>/error.txt", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .report import build_report
+
+    path = build_report(_abspath(args.dir), out=_abspath(args.out) if args.out else None, n_gallery=args.gallery,
+                        device=args.device)
+    print(f"report written to {path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
 # parser and entry point
 # ------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
@@ -630,6 +686,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("benchmark", help="train and score several methods and seeds on one shared split; "
+                                         "results tables and an HTML report (exit 1 if a run failed)")
+    p.add_argument("--data", required=True, metavar="DIR", help="a labeled data set (folder layout, manifest or .npz)")
+    p.add_argument("--methods", metavar="A,B,...",
+                   help="comma-separated methods (default: healthygan,anogan,fanogan,ganomaly,alad,alocc,padim,patchcore)")
+    p.add_argument("--out", required=True, metavar="DIR", help="benchmark folder; an existing one is resumed")
+    p.add_argument("--profile", default="cpu", help="named settings: cpu, paper or tiny")
+    p.add_argument("--seeds", type=int, default=1, metavar="N", help="train every method with seeds 0..N-1")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the (one, shared) data split")
+    p.add_argument("--abnormal-fraction", type=float, default=0.3, help="abnormal share of the unlabeled set A")
+    p.add_argument("--one-class-train", choices=("healthy", "all_normals"), default="healthy",
+                   help="one-class methods train on B (healthy) or on every training normal (all_normals, a ceiling)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--precision", default="32", choices=("32", "bf16", "16-mixed"))
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a config option for every method that has it, METHOD.KEY=VALUE for one method, "
+                        "or preprocessing.KEY=VALUE")
+    p.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples for the AUROC interval")
+    p.add_argument("--no-report", action="store_true", help="skip report.html (build it later with `report`)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_benchmark)
+
+    p = sub.add_parser("report", help="(re)build the self-contained report.html of a benchmark or run folder")
+    p.add_argument("dir", metavar="BENCHMARK_OR_RUN_DIR")
+    p.add_argument("--out", metavar="HTML", help="where to write it (default: DIR/report.html)")
+    p.add_argument("--gallery", type=int, default=4, metavar="N",
+                   help="show the N most and N least anomalous test images (0: no gallery)")
+    p.add_argument("--device", default="cpu", help="device for the gallery's models (cpu, cuda or auto)")
+    p.set_defaults(func=_cmd_report)
     return parser
 
 

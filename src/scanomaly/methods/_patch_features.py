@@ -28,11 +28,11 @@ def build_extractor(name: str, weights, stages, device: torch.device) -> Feature
 
 
 def autocast(device: torch.device, precision: str):
-    """Mixed precision for the backbone only; statistics and distances stay in float32/64.
-    On the CPU, "16-mixed" runs in bfloat16 (float16 convolutions are slow or missing there)."""
+    """Mixed precision for the backbone only; statistics and distances stay in float32 / float64.
+    (On CPUs whose AMX units crash oneDNN, the Detector base class has already made bf16 safe.)"""
     if precision == "32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" or device.type != "cuda" else torch.float16
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 

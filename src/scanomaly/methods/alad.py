@@ -11,7 +11,7 @@ inverse, judged by discriminators instead of pixel losses.
         encoder+generator the same three losses with the labels swapped (non-saturating)
     spectral normalisation on the discriminators' layers (and on the encoder's, as in the code)
     score:  ‖f_xx(x, x) − f_xx(x, G(E(x)))‖₁, f_xx = D_xx's last hidden layer ("feature
-            matching"; the paper's best score);  heatmap |x − G(E(x))|
+            matching", the score the paper recommends);  heatmap |x − G(E(x))|
     scoring uses exponential moving averages (decay 0.999) of E, G and D_xx, as the code does.
 
 Networks follow the official CIFAR-10 code (32 px): E and G are the DCGAN stacks of `nn.blocks`
@@ -28,7 +28,9 @@ What differs from the official code, and why:
 - the encoder and generator steps use the same batch as the discriminator step (the code draws a
   second one);
 - the code stops early (patience 10 epochs on a healthy validation loss) and takes the number of
-  epochs from the command line; we train a fixed number of iterations (see the profiles).
+  epochs from the command line; we train a fixed number of iterations (see the profiles);
+- the cpu profile decays the learning rate linearly to 0 over its last quarter (the shared loop's
+  option; the code keeps it constant), so that a short run ends on settled weights.
 Spectral norm is torch's parametrization (one power iteration per training forward, none in eval):
 a saved model stores `...parametrizations.weight.original` and the power-iteration vectors `_u`,
 `_v`, so it scores exactly as before saving.
@@ -300,7 +302,9 @@ class ALAD(Detector):
             "config": {},
             "preprocessing": {"image_size": 32, "channels": 3},
         },
-        # ~30 minutes on 2 CPU cores (measured it/s in the method's report; see BENCHMARKS.md)
+        # ~30 minutes on 2 CPU cores: E, G and D_xz at a quarter of the paper's width, 64 px, the
+        # paper's batch; measured 0.9 it/s on one (shared) core, so ~1.5 it/s on two: 2500
+        # iterations ≈ 27 minutes
         "cpu": {
             "config": {
                 "width": 32,
@@ -308,7 +312,6 @@ class ALAD(Detector):
                 "dxx_width": 32,
                 "joint_width": 256,
                 "iterations": 2500,
-                "batch_size": 32,
                 "lr_decay_fraction": 0.25,
                 "checkpoint_every": 500,
                 "sample_every": 500,

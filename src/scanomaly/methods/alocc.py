@@ -21,15 +21,18 @@ written here rather than taken from the DCGAN stacks of `nn.blocks` (4x4 kernels
 that is a multiple of 16 works (the code ran 28 px MNIST digits and 45 px UCSD patches).
 
 What differs from the paper and the code, and why:
-- optimiser: the paper names none; the code uses RMSProp at lr 2e-3; we use DCGAN's Adam
-  (2e-4, β1 0.5), as for the other GAN methods in scanomaly;
+- optimiser: the code uses RMSProp at lr 2e-3 (its flag's help text says Adam); we use DCGAN's
+  Adam (2e-4, β1 0.5), which ALOCC's DCGAN-derived networks were designed for, as for the other
+  GAN methods in scanomaly;
 - the code's refinement loss is BCE(R(X̃), X) with weight 0.2, the paper's is λ‖X − X'‖² with
   λ = 0.4: we follow the paper;
 - the code steps R twice per D step ("different from paper", its comment); we step once;
 - initial weights use DCGAN's N(0, 0.02) (`nn.blocks.dcgan_init`); convs followed by BatchNorm
-  have no bias.
+  have no bias;
 - scores are computed as sigmoid(−logit) in float64, so that saturated discriminators still rank
-  images instead of returning ties at exactly 0 or 1.
+  images instead of returning ties at exactly 0 or 1;
+- the cpu profile decays the learning rate linearly to 0 over its last quarter (the shared loop's
+  option), so that a short run ends on settled weights.
 """
 
 from __future__ import annotations
@@ -220,13 +223,11 @@ class ALOCC(Detector):
             "config": {},
             "preprocessing": {"image_size": 32, "channels": 1},
         },
-        # ~30 minutes on 2 CPU cores (measured it/s in the method's report; see BENCHMARKS.md)
+        # ~30 minutes on 2 CPU cores: the code's networks and batch at 64 px; measured 1.1 it/s on
+        # one (shared) core, so ~1.8 it/s on two: 3000 iterations ≈ 27 minutes
         "cpu": {
             "config": {
-                "width": 32,
-                "decoder_width": 32,
                 "iterations": 3000,
-                "batch_size": 64,
                 "lr_decay_fraction": 0.25,
                 "checkpoint_every": 500,
                 "sample_every": 500,

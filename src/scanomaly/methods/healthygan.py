@@ -41,7 +41,9 @@ class MaskedTranslator(nn.Module):
     """StarGAN-style generator without biases: 7x7 stem, two stride-2 downs, residual blocks,
     two stride-2 ups, 7x7 head to C+1 channels: C for the translation T, 1 for the mask M."""
 
-    def __init__(self, channels: int = 1, width: int = 64, residual_blocks: int = 6, mask_offset: float = 0.0):
+    def __init__(
+        self, channels: int = 1, width: int = 64, residual_blocks: int = 6, mask_offset: float = 0.0, upsample: str = "transposed"
+    ):
         super().__init__()
         # a fixed offset on the mask logit: 0 is the original (masks start at 0.5 everywhere);
         # negative starts the translation as the identity, so the mask grows only where needed
@@ -57,11 +59,13 @@ class MaskedTranslator(nn.Module):
             w *= 2
         layers += [ResidualBlock(w) for _ in range(residual_blocks)]
         for _ in range(2):
-            layers += [
-                nn.ConvTranspose2d(w, w // 2, 4, 2, 1, bias=False),
-                nn.InstanceNorm2d(w // 2, affine=True),
-                nn.ReLU(inplace=True),
-            ]
+            if upsample == "transposed":  # the original
+                up = [nn.ConvTranspose2d(w, w // 2, 4, 2, 1, bias=False)]
+            elif upsample == "nearest":  # no checkerboard artefacts (Odena et al. 2016), which binary masks amplify
+                up = [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(w, w // 2, 3, 1, 1, bias=False)]
+            else:
+                raise ScanomalyError(f"upsample must be 'transposed' or 'nearest', got {upsample!r}")
+            layers += [*up, nn.InstanceNorm2d(w // 2, affine=True), nn.ReLU(inplace=True)]
             w //= 2
         layers.append(nn.Conv2d(w, channels + 1, 7, 1, 3, bias=False))
         self.net = nn.Sequential(*layers)
@@ -188,14 +192,15 @@ class HealthyGANConfig:
     lambda_rec: float = 1.0
     lambda_mask: float = 0.1
     mask_offset: float = 0.0  # fixed offset on the mask logit (0 = original; negative = start from identity)
+    upsample: str = "transposed"  # "transposed" (original) or "nearest" (upsample + conv3x3)
     lr_decay_fraction: float = 0.25
     ema_decay: float = 0.999  # scoring uses the EMA generator; 0 scores the raw generator
     hflip: bool = True
     checkpoint_every: int = 10_000
     sample_every: int = 10_000
     selection: str = "aucp"  # "aucp": keep the checkpoint with the best pseudo-AUC; "last": the final one
-    holdout_fraction: float = 0.1  # of B, held out for AUCp when no holdout set is given
-    aucp_pool: int = 256  # unlabeled images scored for AUCp at each checkpoint
+    holdout_fraction: float = 0.1  # of B (when no holdout set is given) and of A, held out of training for AUCp
+    aucp_pool: int = 256  # at most this many held-out unlabeled images are scored for AUCp
     keep_snapshots: bool = False
     seed: int = 0
 
@@ -248,7 +253,7 @@ class HealthyGAN(Detector):
         if c.selection not in ("aucp", "last"):
             raise ScanomalyError(f"selection must be 'aucp' or 'last', got {c.selection!r}")
         torch.manual_seed(c.seed)  # the initial weights are part of the seeded run
-        self.generator = MaskedTranslator(p.channels, c.width, c.residual_blocks, c.mask_offset).to(self.device)
+        self.generator = MaskedTranslator(p.channels, c.width, c.residual_blocks, c.mask_offset, c.upsample).to(self.device)
         self.critic = PatchCritic(p.channels, p.image_size, c.critic_width, c.critic_max_width, c.critic_final_size).to(self.device)
         self.scoring_generator = self.generator  # replaced by the EMA / AUCp-selected weights after fit
         self.train_result = None
@@ -268,7 +273,10 @@ class HealthyGAN(Detector):
 
         evaluate = None
         if c.selection == "aucp" and x_hold is not None and len(x_hold):
-            pool = x_a[torch.randperm(len(x_a), generator=torch.Generator().manual_seed(c.seed))[: c.aucp_pool]]
+            # AUCp compares unseen healthy scans with *unseen* unlabeled ones: an unlabeled pool the
+            # generator trained on would score low just because it was memorised (measured: AUCp < 0.5)
+            x_a, pool = _split_off(x_a, c.holdout_fraction, c.seed)
+            pool = pool[: c.aucp_pool]
             evaluate = lambda mods: self._aucp(mods["generator"], x_hold, pool)  # noqa: E731
 
         task = HealthyGANTask(self.generator, self.critic, c)

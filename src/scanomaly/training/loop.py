@@ -424,8 +424,9 @@ class GANTrainer:
     def _write_samples(self) -> None:
         from ..viz import save_sample_grid
 
-        mods = self.scoring_modules()
-        for m in mods.values():
+        # every network in eval mode while sampling, the live ones too: BatchNorm must not learn
+        # running statistics from the 8-image sample batch
+        for m in [*self.scoring_modules().values(), *self.task.modules().values()]:
             m.eval()
         with torch.no_grad():
             rows = self.task.sample_rows({k: v.to(self.device) for k, v in self.sample_batch.items()})
