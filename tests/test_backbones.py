@@ -91,7 +91,8 @@ def test_to_backbone_input():
     assert torch.allclose(y[0, :, 0, 0], -mean / std) and torch.allclose(y[0, :, 0, 1], (1 - mean) / std)
     lite = BACKBONES["efficientnet_lite0"]
     # (pixel - 127) / 128 for pixels 0 and 255
-    assert torch.allclose(to_backbone_input(x, lite.mean, lite.std), torch.tensor([-127 / 128, 128 / 128]).view(1, 1, 1, 2).expand(1, 3, 1, 2), atol=1e-5)
+    want = torch.tensor([-127 / 128, 128 / 128]).view(1, 1, 1, 2).expand(1, 3, 1, 2)
+    assert torch.allclose(to_backbone_input(x, lite.mean, lite.std), want, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "AUROC" in printed or "auroc" in printed
     result = json.loads((out / "result.json").read_text())
-    assert result["split"]["test"] == 100
+    assert result["split"]["test"]["n"] == 100
     assert 0.0 <= result["test"]["balanced"]["auroc"] <= 1.0
     assert result["test"]["balanced"]["threshold_source"] == "validation"
     assert len(list((out / "heatmaps").glob("*.png"))) == 8
@@ -39,12 +39,12 @@ def test_demo_cli_verb(tmp_path):
     assert (tmp_path / "d" / "model" / "model.safetensors").is_file()
 
 
-def test_run_method_trains_one_class_and_healthygan(tmp_path):
+def test_run_method_trains_and_reuses_its_split(tmp_path):
     data = make_tiny_tree(tmp_path / "data", n=12, size=32)
     for method in ("healthygan",):
         r = run_method(method, data, tmp_path / method, profile="tiny", progress=False)
         split = read_split_manifest(tmp_path / method / "split.csv")
-        assert r["split"]["test"] == len(split.test) == 24
+        assert r["split"]["test"]["n"] == len(split.test) == 24
         t = r["test"]["balanced"]
         assert 0 <= t["auroc_ci_low"] <= t["auroc"] <= t["auroc_ci_high"] <= 1
         assert markdown_row(r).startswith(f"| {method} | tiny | 0 |")
@@ -54,7 +54,7 @@ def test_run_method_trains_one_class_and_healthygan(tmp_path):
 
 
 def test_checkpoint_analysis_scores_every_snapshot(tmp_path):
-    data = make_tiny_tree(tmp_path / "data", n=10, size=32)
+    data = make_tiny_tree(tmp_path / "data", n=12, size=32)
     r = run_method("healthygan", data, tmp_path / "run", profile="tiny", config_overrides={"keep_snapshots": True}, progress=False)
     rows = r["checkpoint_analysis"]
     assert [row["step"] for row in rows] == [10, 20]

@@ -136,6 +136,31 @@ def test_fit_writes_both_stages_and_reloads_them(tmp_path):
         assert_same_state(state(a), state(b))
 
 
+def test_killed_encoder_stage_resumes_to_the_same_model(tmp_path, monkeypatch):
+    x = blobs(16, seed=1)
+    settings = {"encoder_iterations": 20, "checkpoint_every": 10}
+    full = tiny(**settings).fit(x, work_dir=tmp_path / "full", progress=False)
+
+    calls = {"n": 0}
+    original = EncoderTask.loss
+
+    def dying_loss(self, phase, batch):  # killed in encoder iteration 15, after the checkpoint at 10
+        calls["n"] += 1
+        if calls["n"] == 15:
+            raise KeyboardInterrupt
+        return original(self, phase, batch)
+
+    monkeypatch.setattr(EncoderTask, "loss", dying_loss)
+    with pytest.raises(KeyboardInterrupt):
+        tiny(**settings).fit(x, work_dir=tmp_path / "killed", progress=False)
+    monkeypatch.setattr(EncoderTask, "loss", original)
+    assert torch.load(tmp_path / "killed" / "stage2" / "checkpoint.pt", weights_only=True)["step"] == 10
+
+    resumed = tiny(**settings).fit(x, work_dir=tmp_path / "killed", progress=False)
+    for a, b in zip(full._networks().values(), resumed._networks().values()):
+        assert_same_state(state(a), state(b))
+
+
 @pytest.fixture(scope="module")
 def fitted():
     return tiny().fit(blobs(16, seed=1), progress=False)

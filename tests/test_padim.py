@@ -70,7 +70,18 @@ def test_save_load_gives_identical_scores(tmp_path):
         loaded.score(torch.zeros(1, 1, 32, 32))
 
 
+def test_stages_and_d_default_per_backbone():
+    from scanomaly.methods.padim import PadimConfig
+
+    lite = get_method("padim")(PadimConfig(backbone_weights="random"))
+    assert lite.extractor.stages == ["stage2", "stage3", "stage5"] and lite.d == 40
+    r18 = get_method("padim")(PadimConfig(backbone="resnet18", backbone_weights="random"))
+    assert r18.extractor.stages == ["layer1", "layer2", "layer3"] and r18.d == 100
+
+
 def test_options_are_checked():
+    with pytest.raises(ScanomalyError, match="resnet18.*not bundled.*backbone_weights="):
+        get_method("padim").from_profile("paper")  # torchvision weights come from a local file
     with pytest.raises(ScanomalyError, match="d must be"):
         get_method("padim").from_profile("tiny", {"d": 10_000})
     with pytest.raises(ScanomalyError, match="before score"):

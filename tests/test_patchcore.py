@@ -97,7 +97,18 @@ def test_save_load_gives_identical_scores(tmp_path):
     np.testing.assert_array_equal(maps, maps2)
 
 
+def test_stages_default_per_backbone():
+    from scanomaly.methods.patchcore import PatchcoreConfig
+
+    lite = get_method("patchcore")(PatchcoreConfig(backbone_weights="random"))
+    assert lite.extractor.stages == ["stage3", "stage5"]
+    r18 = get_method("patchcore")(PatchcoreConfig(backbone="resnet18", backbone_weights="random"))
+    assert r18.extractor.stages == ["layer2", "layer3"]
+
+
 def test_options_are_checked():
+    with pytest.raises(ScanomalyError, match="wide_resnet50_2.*not bundled.*backbone_weights="):
+        get_method("patchcore").from_profile("paper")  # torchvision weights come from a local file
     with pytest.raises(ScanomalyError, match="coreset_fraction"):
         get_method("patchcore").from_profile("tiny", {"coreset_fraction": 0.0})
     with pytest.raises(ScanomalyError, match="before score"):

@@ -282,6 +282,33 @@ def test_seeds_give_mean_and_std_and_one_class_training_sets(tmp_path):
     assert SuiteMean.fits == [(0, n_normals)] and n_normals > len(split.healthy)
 
 
+def test_interrupted_benchmark_resumes_where_it_stopped(tmp_path, monkeypatch):
+    data = make_tiny_tree(tmp_path / "data", n=12, size=16)
+    out = tmp_path / "b"
+    real, calls = benchmark.run_method, []
+
+    def interrupted_at_seed_1(method, data, out_dir, **kwargs):
+        calls.append(kwargs["seed"])
+        if kwargs["seed"] == 1 and calls.count(1) == 1:
+            raise KeyboardInterrupt  # Ctrl-C: not a method failure, it stops the benchmark
+        return real(method, data, out_dir, **kwargs)
+
+    monkeypatch.setattr(benchmark, "run_method", interrupted_at_seed_1)
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(data, SuiteMean.name, out, profile="tiny", seeds=3, **FAST)
+    saved = json.loads((out / "results.json").read_text())
+    assert [(r["seed"], r["status"]) for r in saved["runs"]] == [(0, "ok")]
+    results = run_benchmark(data, SuiteMean.name, out, profile="tiny", seeds=3, report=False, **FAST)
+    assert calls == [0, 1, 1, 2]
+    assert [(r["seed"], r["status"], r["resumed"]) for r in results["runs"]] == [(0, "ok", True), (1, "ok", False),
+                                                                                 (2, "ok", False)]
+    # a run folder trained on another split is never mixed in
+    lines = (out / SuiteMean.name / "seed2" / "split.csv").read_text().splitlines()
+    (out / SuiteMean.name / "seed2" / "split.csv").write_text("\n".join(lines[:-1]) + "\n")
+    with pytest.raises(ScanomalyError, match="another split"):
+        run_benchmark(data, SuiteMean.name, out, profile="tiny", seeds=3, report=False, **FAST)
+
+
 def test_unknown_method_fails_alone(tmp_path):
     data = make_tiny_tree(tmp_path / "data", n=12, size=16)
     results = run_benchmark(data, f"no_such_method,{SuiteMean.name}", tmp_path / "b", profile="tiny", report=True, **FAST)
@@ -328,6 +355,9 @@ def test_cli_benchmark_and_report(tmp_path, capsys):
     code = main(["benchmark", "--data", str(data), "--methods", SuiteMean.name, "--out", str(tmp_path / "x"),
                  "--set", "no_such_option=1", "--profile", "tiny"])
     assert code == 2 and "no_such_option" in capsys.readouterr().err
+    code = main(["benchmark", "--data", str(data), "--methods", SuiteMean.name, "--out", str(tmp_path / "x"),
+                 "--set", f"{SuiteMean.name}.seed=3"])
+    assert code == 2 and "seed" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------

@@ -406,7 +406,7 @@ def render_html(results: dict, base: Path, n_gallery: int = 4, device: str = "cp
         parts += ["<h2>Score distributions</h2>", f'<img alt="score histograms" src="{histogram_figure(hists)}">',
                   '<p class="note">Test scores of the first seed; dashed: the balanced threshold chosen on '
                   "validation.</p>"]
-    if methods:
+    if methods and n_gallery > 0:
         parts.append("<h2>Most and least anomalous test images</h2>")
         try:
             uri, gallery_notes = _gallery(base, results, n_gallery, device)

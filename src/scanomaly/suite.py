@@ -208,6 +208,8 @@ def check_overrides(methods: list[str], config_overrides: dict | None, preproces
             raise ScanomalyError(f"unknown preprocessing option {key!r}; known: {sorted(prep_fields)}")
     classes = {m: _method_class(m) for m in methods}
     for key in config_overrides or {}:
+        if key.rpartition(".")[2] == "seed":
+            raise ScanomalyError("the seed is set per run by the benchmark's seeds; it cannot be overridden")
         head, _, rest = key.partition(".")
         if rest and head in methods:
             if classes[head] is None:
@@ -547,6 +549,10 @@ def run_benchmark(
         rel = run_dir_name(method, seed)
         run_dir = out_dir / rel
         tag = f"[{i}/{len(todo)}] {method} seed {seed}"
+        own_split = run_dir / "split.csv"
+        if own_split.is_file() and own_split.read_bytes() != (out_dir / "split.csv").read_bytes():
+            raise ScanomalyError(f"{run_dir} was trained on another split than {out_dir / 'split.csv'}; "
+                                 "delete that run folder (or use another output folder) to run it again")
         if (run_dir / "result.json").is_file():
             try:
                 result = json.loads((run_dir / "result.json").read_text())
@@ -557,7 +563,7 @@ def run_benchmark(
             except json.JSONDecodeError:
                 pass  # a corrupt result: run it again
         run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out_dir / "split.csv", run_dir / "split.csv")  # the one shared split
+        shutil.copyfile(out_dir / "split.csv", own_split)  # the one shared split: run_method reuses it
         config, prep = method_overrides(method, config_overrides, preprocessing_overrides, methods)
         _log(progress, f"{tag}: training and scoring in {run_dir}")
         _reset_peak_memory()

@@ -108,14 +108,14 @@ def build_network(name: str, weights=None) -> nn.Module:
     if name not in BACKBONES:
         raise ScanomalyError(f"unknown backbone {name!r}; available: {', '.join(available_backbones())}")
     spec = BACKBONES[name]
-    net = spec.build()
     if is_random(weights):
-        return net
+        return spec.build()
     if str(weights).lower() == "imagenet":
         if spec.imagenet_path is None:
             raise ScanomalyError(spec.source_hint)
         weights = spec.imagenet_path()
     state = load_state_dict_file(weights)
+    net = spec.build()
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:

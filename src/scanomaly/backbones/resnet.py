@@ -71,11 +71,12 @@ class ResNet(nn.Module):
         self.stage_info: dict[str, tuple[int, int]] = {}
         for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers), start=1):
             stride = 1 if i == 1 else 2
+            cout = planes * block.expansion
             downsample = None
-            if stride != 1 or cin != planes * block.expansion:
-                downsample = nn.Sequential(_conv1x1(cin, planes * block.expansion, stride), nn.BatchNorm2d(planes * block.expansion))
+            if stride != 1 or cin != cout:  # the projection shortcut: downsample.0 (conv), .1 (BN)
+                downsample = nn.Sequential(_conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
             blocks = [block(cin, planes, stride, downsample, width_factor)]
-            cin = planes * block.expansion
+            cin = cout
             blocks += [block(cin, planes, 1, None, width_factor) for _ in range(n - 1)]
             setattr(self, f"layer{i}", nn.Sequential(*blocks))
             self.stage_info[f"layer{i}"] = (cin, 2 ** (i + 1))  # channels, stride (4, 8, 16, 32)

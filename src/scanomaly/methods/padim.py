@@ -30,12 +30,21 @@ from ..errors import ScanomalyError
 from . import _patch_features as pf
 
 
+# per backbone: the last block at strides 4, 8 and 16, and d. The paper keeps 100 of ResNet-18's
+# 448 channels and 550 of Wide-ResNet-50-2's 1792; EfficientNet-Lite0 keeps 40 of 176 (see above).
+BACKBONE_DEFAULTS = {
+    "resnet18": (("layer1", "layer2", "layer3"), 100),
+    "wide_resnet50_2": (("layer1", "layer2", "layer3"), 550),
+    "efficientnet_lite0": (("stage2", "stage3", "stage5"), 40),
+}
+
+
 @dataclass
 class PadimConfig:
     backbone: str = "efficientnet_lite0"
     backbone_weights: str | None = "imagenet"  # "imagenet", a local weights file, or "random"
-    stages: tuple[str, ...] = ("stage2", "stage3", "stage5")
-    d: int = 40  # random channels kept (paper: 100 of ResNet-18's 448)
+    stages: tuple[str, ...] = ()  # empty: BACKBONE_DEFAULTS for the backbone
+    d: int | None = None  # random channels kept; None: BACKBONE_DEFAULTS for the backbone
     covariance_eps: float = 0.01  # added to the covariance diagonal (paper: 0.01 I)
     sigma: float = 4.0  # Gaussian smoothing of the anomaly map, in pixels of the input
     seed: int = 0  # for the random channel choice
@@ -90,16 +99,32 @@ class Padim(Detector):
     Config = PadimConfig
     profiles = {
         "cpu": {
-            "config": {"backbone": "efficientnet_lite0", "backbone_weights": "imagenet", "stages": ("stage2", "stage3", "stage5"), "d": 40},
+            "config": {
+                "backbone": "efficientnet_lite0",
+                "backbone_weights": "imagenet",  # shipped in the optional package (scanomaly[pretrained])
+                "stages": ("stage2", "stage3", "stage5"),
+                "d": 40,
+            },
             "preprocessing": {"image_size": 128, "channels": 1},
         },
         "paper": {
-            # torchvision's ImageNet ResNet-18 is not bundled: pass backbone_weights=/path/to/resnet18-f37072fd.pth
-            "config": {"backbone": "resnet18", "backbone_weights": "imagenet", "stages": ("layer1", "layer2", "layer3"), "d": 100},
+            "config": {
+                "backbone": "resnet18",
+                # torchvision's ImageNet file is not bundled: set backbone_weights=/path/to/resnet18-f37072fd.pth
+                "backbone_weights": "imagenet",
+                "stages": ("layer1", "layer2", "layer3"),
+                "d": 100,
+            },
             "preprocessing": {"image_size": 224, "channels": 1},
         },
-        "tiny": {  # random weights: for fast tests, needs no extra package
-            "config": {"backbone": "resnet18", "backbone_weights": "random", "stages": ("layer1", "layer2", "layer3"), "d": 20, "batch_size": 8},
+        "tiny": {  # random weights: fast tests that need no extra package
+            "config": {
+                "backbone": "resnet18",
+                "backbone_weights": "random",
+                "stages": ("layer1", "layer2", "layer3"),
+                "d": 20,
+                "batch_size": 8,
+            },
             "preprocessing": {"image_size": 64, "channels": 1},
         },
     }
@@ -107,10 +132,12 @@ class Padim(Detector):
     def __init__(self, config=None, preprocessing=None, device="cpu", precision="32"):
         super().__init__(config, preprocessing, device, precision)
         c = self.config
-        self.extractor = pf.build_extractor(c.backbone, c.backbone_weights, c.stages, self.device)
+        default_stages, default_d = BACKBONE_DEFAULTS.get(c.backbone, ((), None))
+        self.extractor = pf.build_extractor(c.backbone, c.backbone_weights, c.stages or default_stages, self.device)
         total = sum(self.extractor.channels)
-        if not 1 <= c.d <= total:
-            raise ScanomalyError(f"padim: d must be in [1, {total}] for {c.backbone} stages {list(c.stages)}, got {c.d}")
+        self.d = c.d or min(default_d or total, total)  # custom stages may hold fewer channels
+        if not 1 <= self.d <= total:
+            raise ScanomalyError(f"padim: d must be in [1, {total}] for {c.backbone} stages {self.extractor.stages}, got {self.d}")
         self.channel_idx: torch.Tensor | None = None  # [d] indices into the concatenated channels
         self.mean: torch.Tensor | None = None  # [L, d]
         self.inv_chol: torch.Tensor | None = None  # [L, d, d]
@@ -134,12 +161,12 @@ class Padim(Detector):
         c = self.config
         gen = torch.Generator().manual_seed(c.seed)
         total = sum(self.extractor.channels)
-        self.channel_idx = torch.randperm(total, generator=gen)[: c.d].sort().values.to(self.device)
+        self.channel_idx = torch.randperm(total, generator=gen)[: self.d].sort().values.to(self.device)
         acc = None
         for batch in pf.batches(x, c.batch_size, progress, "padim: fitting"):
             emb = self._embed(batch)
             if acc is None:
-                acc = GaussianAccumulator(c.d, emb.shape[-1], self.device)
+                acc = GaussianAccumulator(self.d, emb.shape[-1], self.device)
             acc.update(emb)
         self.mean, self.inv_chol = acc.finalize(c.covariance_eps)
         self.image_size = int(x.shape[-1])

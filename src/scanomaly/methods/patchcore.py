@@ -44,11 +44,19 @@ FLUSH_ROWS = 16384  # points per matrix product when the coreset distances are b
 DISTANCE_BLOCK = 1 << 23  # entries of one query x memory distance block (32 MiB in float32)
 
 
+# per backbone: the last block at strides 8 and 16 (the paper's layer2 + layer3)
+BACKBONE_STAGES = {
+    "resnet18": ("layer2", "layer3"),
+    "wide_resnet50_2": ("layer2", "layer3"),
+    "efficientnet_lite0": ("stage3", "stage5"),
+}
+
+
 @dataclass
 class PatchcoreConfig:
     backbone: str = "efficientnet_lite0"
     backbone_weights: str | None = "imagenet"  # "imagenet", a local weights file, or "random"
-    stages: tuple[str, ...] = ("stage3", "stage5")
+    stages: tuple[str, ...] = ()  # empty: BACKBONE_STAGES for the backbone
     coreset_fraction: float = 0.1  # share of the training patches kept in the memory bank (paper: 0.01)
     projection_dim: int = 128  # sparse random projection used for the coreset distances (paper: 128)
     num_neighbors: int = 9  # b of the image-score re-weighting
@@ -202,16 +210,32 @@ class Patchcore(Detector):
     Config = PatchcoreConfig
     profiles = {
         "cpu": {
-            "config": {"backbone": "efficientnet_lite0", "backbone_weights": "imagenet", "stages": ("stage3", "stage5"), "coreset_fraction": 0.1},
+            "config": {
+                "backbone": "efficientnet_lite0",
+                "backbone_weights": "imagenet",  # shipped in the optional package (scanomaly[pretrained])
+                "stages": ("stage3", "stage5"),
+                "coreset_fraction": 0.1,
+            },
             "preprocessing": {"image_size": 128, "channels": 1},
         },
         "paper": {
-            # torchvision's ImageNet Wide-ResNet-50-2 is not bundled: pass backbone_weights=/path/to/wide_resnet50_2-95faca4d.pth
-            "config": {"backbone": "wide_resnet50_2", "backbone_weights": "imagenet", "stages": ("layer2", "layer3"), "coreset_fraction": 0.01},
+            "config": {
+                "backbone": "wide_resnet50_2",
+                # torchvision's ImageNet file is not bundled: set backbone_weights=/path/to/wide_resnet50_2-95faca4d.pth
+                "backbone_weights": "imagenet",
+                "stages": ("layer2", "layer3"),
+                "coreset_fraction": 0.01,
+            },
             "preprocessing": {"image_size": 224, "channels": 1},
         },
-        "tiny": {  # random weights: for fast tests, needs no extra package
-            "config": {"backbone": "resnet18", "backbone_weights": "random", "stages": ("layer2", "layer3"), "coreset_fraction": 0.05, "batch_size": 8},
+        "tiny": {  # random weights: fast tests that need no extra package
+            "config": {
+                "backbone": "resnet18",
+                "backbone_weights": "random",
+                "stages": ("layer2", "layer3"),
+                "coreset_fraction": 0.05,
+                "batch_size": 8,
+            },
             "preprocessing": {"image_size": 64, "channels": 1},
         },
     }
@@ -219,11 +243,10 @@ class Patchcore(Detector):
     def __init__(self, config=None, preprocessing=None, device="cpu", precision="32"):
         super().__init__(config, preprocessing, device, precision)
         c = self.config
-        if len(c.stages) < 1:
-            raise ScanomalyError("patchcore: needs at least one backbone stage")
         if not 0.0 < c.coreset_fraction <= 1.0:
             raise ScanomalyError(f"patchcore: coreset_fraction must be in (0, 1], got {c.coreset_fraction}")
-        self.extractor = pf.build_extractor(c.backbone, c.backbone_weights, c.stages, self.device)
+        stages = c.stages or BACKBONE_STAGES.get(c.backbone, ())
+        self.extractor = pf.build_extractor(c.backbone, c.backbone_weights, stages, self.device)
         self.memory: torch.Tensor | None = None  # [M, D]
         self.image_size: int | None = None
 

@@ -419,7 +419,8 @@ class GANTrainer:
             self.best_metric, self.best_step = metric, self.step
             if self.work_dir is not None:
                 _atomic_safetensors(flat_state(mods), self.work_dir / "best.safetensors")
-        bar.write(f"iteration {self.step}: checkpoint metric {metric:.4f} (best {self.best_metric:.4f} at {self.best_step})")
+        if self.progress:
+            bar.write(f"iteration {self.step}: checkpoint metric {metric:.4f} (best {self.best_metric:.4f} at {self.best_step})")
 
     def _write_samples(self) -> None:
         from ..viz import save_sample_grid

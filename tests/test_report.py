@@ -1,0 +1,170 @@
+"""The HTML report (report.build_report) and the summary tables it shares with results.md."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from scanomaly import detector
+from scanomaly.benchmark import run_method
+from scanomaly.data import ImageRecord
+from scanomaly.detector import Detector, as_tensor
+from scanomaly.errors import ScanomalyError
+from scanomaly.report import _records_for_rows, build_report
+from scanomaly.splits import HealthyGANSplit, write_split_manifest
+from scanomaly.suite import results_markdown, run_benchmark, summarize, summary_tables
+
+from conftest import make_tiny_tree
+from test_suite import check_self_contained_html, parse_markdown_tables
+
+
+@dataclass
+class ReportConfig:
+    seed: int = 0
+
+
+class ReportMean(Detector):
+    """Distance to the mean healthy image; its reconstruction is that mean image."""
+
+    name = "_report_mean"
+    Config = ReportConfig
+    profiles = {"tiny": {"preprocessing": {"image_size": 16}}}
+
+    def fit(self, healthy, unlabeled=None, **kwargs):
+        x = as_tensor(healthy)
+        self.mean_image = x.mean(0) + 0.1 * torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(self.config.seed))
+        return self
+
+    def score(self, images, batch_size: int = 64):
+        maps = (as_tensor(images) - self.mean_image).abs().mean(1)
+        return maps.flatten(1).mean(1).numpy(), maps.numpy()
+
+    def reconstruct(self, images, batch_size: int = 64):
+        return self.mean_image.expand_as(as_tensor(images)).numpy()
+
+    def state_tensors(self):
+        return {"mean_image": self.mean_image}
+
+    def load_state_tensors(self, tensors):
+        self.mean_image = tensors["mean_image"]
+
+
+class ReportOther(ReportMean):
+    name = "_report_other"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fake_methods():
+    for cls in (ReportMean, ReportOther):
+        detector.register(cls)
+    yield
+    for cls in (ReportMean, ReportOther):
+        detector._REGISTRY.pop(cls.name, None)
+
+
+FAST = {"n_bootstrap": 20, "progress": False}
+
+
+def img_alts(parser) -> list:
+    return [a.get("alt") for tag, a in parser.attrs if tag == "img"]
+
+
+def test_single_run_report(tmp_path):
+    data = make_tiny_tree(tmp_path / "data", n=12, size=16)
+    run = tmp_path / "run"
+    result = run_method(ReportMean.name, data, run, profile="tiny", **FAST)
+    path = build_report(run)
+    assert path == run / "report.html"
+    parser = check_self_contained_html(path)
+    assert img_alts(parser) == ["ROC curves", "score histograms", "gallery"]
+    text = path.read_text()
+    assert ReportMean.name in text and f"{result['test']['balanced']['auroc']:.3f}" in text
+    assert "Failed" not in text
+    out = build_report(run, out=tmp_path / "elsewhere" / "r.html", n_gallery=0)  # no gallery
+    assert img_alts(check_self_contained_html(out)) == ["ROC curves", "score histograms"]
+
+
+def test_benchmark_report_survives_a_missing_model_and_missing_data(tmp_path):
+    data = make_tiny_tree(tmp_path / "data", n=12, size=16)
+    out = tmp_path / "bench"
+    run_benchmark(data, [ReportMean.name, ReportOther.name], out, profile="tiny", seeds=2, report=False, **FAST)
+    shutil.rmtree(out / ReportOther.name / "seed0" / "model")
+    text = build_report(out).read_text()
+    check_self_contained_html(out / "report.html")
+    assert f"{ReportOther.name}: no heatmaps" in text and "gallery" in text
+
+    shutil.rmtree(data)  # the images are gone: tables and curves still come from the saved results
+    parser = check_self_contained_html(build_report(out))
+    assert img_alts(parser) == ["ROC curves", "score histograms"]
+    assert "gallery left out" in (out / "report.html").read_text()
+
+
+def test_report_of_a_benchmark_where_everything_failed(tmp_path):
+    data = make_tiny_tree(tmp_path / "data", n=12, size=16)
+    out = tmp_path / "bench"
+    results = run_benchmark(data, ["nope_a", "nope_b"], out, profile="tiny", **FAST)
+    assert all(r["status"] == "failed" for r in results["runs"])
+    text = (out / "report.html").read_text()
+    assert "nope_a" in text and "unknown method" in text and "<img" not in text
+    assert "## Failed" in (out / "results.md").read_text()
+
+
+def test_report_refuses_a_folder_without_results(tmp_path):
+    with pytest.raises(ScanomalyError, match="neither a benchmark folder"):
+        build_report(tmp_path)
+    with pytest.raises(ScanomalyError, match="no such folder"):
+        build_report(tmp_path / "missing")
+
+
+def _fake_results(metrics_by_method: dict[str, list[dict]], errors: dict[str, str] | None = None) -> dict:
+    runs = []
+    for m, per_seed in metrics_by_method.items():
+        for seed, metrics in enumerate(per_seed):
+            runs.append({"method": m, "seed": seed, "status": "ok", "dir": f"{m}/seed{seed}", "metrics": metrics,
+                         "error": None})
+    for m, error in (errors or {}).items():
+        runs.append({"method": m, "seed": 0, "status": "failed", "dir": f"{m}/seed0", "error": error})
+    return {"title": "t", "settings": {"seeds": [0, 1]}, "runs": runs, "summary": summarize(runs)}
+
+
+def test_summary_tables_bold_the_best_per_column():
+    results = _fake_results({
+        "a": [{"auroc": 0.9, "auprc": 0.5, "train_seconds": 10.0}, {"auroc": 0.8, "auprc": 0.5, "train_seconds": 12.0}],
+        "b": [{"auroc": 0.7, "auprc": 0.5, "train_seconds": 3.0}],
+    }, errors={"c": "RuntimeError: out of | memory"})
+    tables = {title: (header, rows) for title, header, rows in summary_tables(results)}
+    header, rows = tables[next(t for t in tables if t.startswith("Detection"))]
+    assert header[:5] == ["Method", "Seeds", "AUROC", "AUROC 95% CI", "AUPRC"]
+    cells = {row[0][0]: dict(zip(header, row)) for row in rows}
+    assert set(cells) == {"a", "b"}  # c failed: listed, not a row
+    assert cells["a"]["AUROC"] == ("0.850 ± 0.071", True) and cells["b"]["AUROC"] == ("0.700", False)
+    assert cells["a"]["AUPRC"][1] and cells["b"]["AUPRC"][1]  # a tie: both bold
+    header, rows = tables["Cost"]
+    cells = {row[0][0]: dict(zip(header, row)) for row in rows}
+    assert cells["b"]["Train time (s)"] == ("3.0", True)  # lower is better
+    md = results_markdown(results)
+    parsed = parse_markdown_tables(md)
+    assert parsed["Cost"][0] == {"Method": "a", "Train time (s)": "11.0 ± 1.4"}
+    assert "- **c** (seed 0): RuntimeError: out of \\| memory" in md
+
+    one = _fake_results({"a": [{"auroc": 0.9}]})
+    (_, _, rows), = summary_tables(one)
+    assert rows == [[("a", False), ("1", False), ("0.900", False), ("-", False)]]  # one method: nothing bold
+
+
+def test_gallery_rows_map_to_images_of_multi_image_files(tmp_path):
+    split = HealthyGANSplit(test=[ImageRecord("/d/a.png", 0, "test"),
+                                  ImageRecord("/d/x.npz", 1, "test", index=10),
+                                  ImageRecord("/d/x.npz", 0, "test", index=11),
+                                  ImageRecord("/d/vol.nii.gz", 1, "test")])
+    write_split_manifest(split, tmp_path / "split.csv")
+    rows = [{"path": p, "label": 0, "score": 0.0} for p in
+            ("/d/a.png", "/d/x.npz", "/d/x.npz", "/d/vol.nii.gz", "/d/vol.nii.gz", "/d/gone.png")]
+    recs = _records_for_rows(tmp_path / "split.csv", rows, [0, 2, 4, 5])
+    assert (recs[0].path, recs[0].index) == ("/d/a.png", None)
+    assert (recs[1].path, recs[1].index) == ("/d/x.npz", 11)
+    assert (recs[2].path, recs[2].index) == ("/d/vol.nii.gz", 1)  # the volume's second slice
+    assert (recs[3].path, recs[3].index) == ("/d/gone.png", None)
