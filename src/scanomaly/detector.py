@@ -216,6 +216,57 @@ def ensure_cpu_bf16(run=None) -> bool:
     return True
 
 
+def anomaly_map(x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+    """|x − reconstruction| averaged over channels: [N, S, S]. The heatmap of every method that
+    compares a scan with a normal-looking version of it."""
+    return (x - reconstruction).abs().mean(1)
+
+
+def module_state(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """{"name.param": tensor} for a dict of modules (what `state_tensors` returns)."""
+    return {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
+
+
+def load_module_state(modules: dict[str, torch.nn.Module], tensors: dict[str, torch.Tensor]) -> None:
+    """The inverse of `module_state`, strict per module."""
+    for name, m in modules.items():
+        m.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")})
+        m.eval()
+
+
+class ReconstructionDetector(Detector):
+    """A method that scores a scan against a normal-looking version of it (every GAN method here).
+
+    Subclasses give `_reconstruct_and_score(x)` for one batch already on the device; batching,
+    the heatmap |x − reconstruction| and `reconstruct` are written once, here.
+    """
+
+    @abc.abstractmethod
+    def _reconstruct_and_score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """([N, C, S, S] reconstruction, [N] scores) of a batch."""
+
+    def _batches(self, images, batch_size: int):
+        x_all = as_tensor(images)
+        for i in range(0, len(x_all), batch_size):
+            x = x_all[i : i + batch_size].to(self.device)
+            reconstruction, scores = self._reconstruct_and_score(x)
+            yield x, reconstruction.detach().float(), scores.detach()
+
+    def score(self, images, batch_size: int = 64):
+        scores, maps = [], []
+        for x, reconstruction, s in self._batches(images, batch_size):
+            scores.append(s.cpu())
+            maps.append(anomaly_map(x, reconstruction).cpu())
+        if not scores:
+            size = self.preprocessing.image_size
+            return np.zeros(0, np.float64), np.zeros((0, size, size), np.float32)
+        return torch.cat(scores).numpy(), torch.cat(maps).numpy().astype(np.float32)
+
+    def reconstruct(self, images, batch_size: int = 64):
+        out = [reconstruction.cpu() for _, reconstruction, _ in self._batches(images, batch_size)]
+        return torch.cat(out).numpy() if out else None
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

@@ -39,12 +39,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..detector import Detector, as_tensor, register
+from ..detector import ReconstructionDetector, anomaly_map, load_module_state, module_state, as_tensor, register
 from ..errors import ScanomalyError
 from ..nn.blocks import dcgan_init
 from ..training.loop import GANTask, GANTrainer, LoopSettings, Phase, autocast_context
@@ -134,10 +133,6 @@ def one_minus_d(logits: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(-logits.double())
 
 
-def anomaly_map(x: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:
-    """|X − R(X)|, averaged over channels: [N, S, S]."""
-    return (x - x_rec).abs().mean(1)
-
 
 # ---------------------------------------------------------------------------------------------
 # training task: what the generic GAN loop runs
@@ -214,7 +209,7 @@ class ALOCCConfig:
 
 
 @register
-class ALOCC(Detector):
+class ALOCC(ReconstructionDetector):
     name = "alocc"
     Config = ALOCCConfig
     profiles = {
@@ -301,35 +296,17 @@ class ALOCC(Detector):
             logits = d(x_rec if self.config.score_mode == "reconstructed" else x)
         return x_rec.float(), one_minus_d(logits.float())
 
-    @torch.no_grad()
-    def score(self, images, batch_size: int = 64):
-        x_all = as_tensor(images)
-        scores, maps = [], []
-        for i in range(0, len(x_all), batch_size):
-            x = x_all[i : i + batch_size].to(self.device)
-            x_rec, s = self._forward(x)
-            scores.append(s.cpu())
-            maps.append(anomaly_map(x, x_rec).cpu())
-        if not scores:
-            s = self.preprocessing.image_size
-            return np.zeros(0, np.float64), np.zeros((0, s, s), np.float32)
-        return torch.cat(scores).numpy(), torch.cat(maps).numpy().astype(np.float32)
-
-    @torch.no_grad()
-    def reconstruct(self, images, batch_size: int = 64):
-        x_all = as_tensor(images)
-        out = [self._forward(x_all[i : i + batch_size].to(self.device))[0].cpu() for i in range(0, len(x_all), batch_size)]
-        return torch.cat(out).numpy()
+    def _reconstruct_and_score(self, x):
+        return self._forward(x)
 
     # -- persistence: both networks score ------------------------------------------------------
     def state_tensors(self):
-        return {f"{name}.{k}": v for name, m in self.scoring.items() for k, v in m.state_dict().items()}
+        return module_state(self.scoring)
 
     def load_state_tensors(self, tensors):
         own = {"reconstructor": self.reconstructor, "discriminator": self.discriminator}
-        for name, m in own.items():
-            m.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")})
-        self.scoring = {k: m.eval() for k, m in own.items()}
+        load_module_state(own, tensors)
+        self.scoring = own
 
     def extra_state(self):
         r = self.train_result

@@ -40,12 +40,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..detector import Detector, as_tensor, register
+from ..detector import ReconstructionDetector, anomaly_map, load_module_state, module_state, as_tensor, register
 from ..errors import ScanomalyError
 from ..nn.blocks import dcgan_decoder, dcgan_encoder, dcgan_init
 from ..training.loop import GANTask, GANTrainer, LoopSettings, Phase
@@ -121,10 +120,6 @@ def mapping_loss(x, generated, features_x, features_generated, lam: float) -> to
     """L(z) = (1−λ)·residual + λ·discrimination, per image: [N]. Also the anomaly score."""
     return (1 - lam) * residual_loss(x, generated) + lam * discrimination_loss(features_x, features_generated)
 
-
-def anomaly_map(x: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
-    """|x − G(z)|, averaged over channels: [N, S, S] in [0, 2]."""
-    return (x - generated).abs().mean(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,7 +290,7 @@ class AnoGANConfig:
 
 
 @register
-class AnoGAN(Detector):
+class AnoGAN(ReconstructionDetector):
     name = "anogan"
     Config = AnoGANConfig
     profiles = {
@@ -401,31 +396,17 @@ class AnoGAN(Detector):
             project=c.project_z,
         )
 
-    def score(self, images, batch_size: int = 64):
-        x_all = as_tensor(images)
-        scores, maps = [], []
-        for i in range(0, len(x_all), batch_size):
-            x = x_all[i : i + batch_size].to(self.device)
-            r = self.search(x)
-            scores.append(r.loss.cpu())
-            maps.append(anomaly_map(x, r.generated).cpu())
-        return torch.cat(scores).numpy(), torch.cat(maps).numpy().astype(np.float32)
-
-    def reconstruct(self, images, batch_size: int = 64):
-        x_all = as_tensor(images)
-        out = [self.search(x_all[i : i + batch_size]).generated.cpu() for i in range(0, len(x_all), batch_size)]
-        return torch.cat(out).numpy()
+    def _reconstruct_and_score(self, x):
+        # the search needs gradients w.r.t. z, so no torch.no_grad here
+        r = self.search(x)
+        return r.generated, r.loss
 
     # -- persistence: both networks are needed to score (G to draw, D for f) ---------------------
     def state_tensors(self):
-        return {
-            **{f"generator.{k}": v for k, v in self.generator.state_dict().items()},
-            **{f"discriminator.{k}": v for k, v in self.discriminator.state_dict().items()},
-        }
+        return module_state({"generator": self.generator, "discriminator": self.discriminator})
 
     def load_state_tensors(self, tensors):
-        for prefix, module in (("generator.", self.generator), ("discriminator.", self.discriminator)):
-            module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        load_module_state({"generator": self.generator, "discriminator": self.discriminator}, tensors)
         self._eval()
 
     def extra_state(self):

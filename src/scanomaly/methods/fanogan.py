@@ -38,11 +38,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 
-from ..detector import Detector, as_tensor, register
+from ..detector import ReconstructionDetector, anomaly_map, load_module_state, module_state, as_tensor, register
 from ..errors import ScanomalyError
 from ..nn.blocks import gradient_penalty
 from ..nn.wgan_resnet import ResNetCritic, ResNetGenerator
@@ -86,10 +85,6 @@ def izif_loss(x, reconstruction, features_x, features_reconstruction, kappa: flo
     features = (features_x - features_reconstruction).pow(2).flatten(1).mean(1)
     return residual + kappa * features
 
-
-def anomaly_map(x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
-    """|x − G(E(x))|, averaged over channels: [N, S, S] in [0, 2]."""
-    return (x - reconstruction).abs().mean(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +193,7 @@ class FAnoGANConfig:
 
 
 @register
-class FAnoGAN(Detector):
+class FAnoGAN(ReconstructionDetector):
     name = "fanogan"
     Config = FAnoGANConfig
     profiles = {
@@ -306,32 +301,19 @@ class FAnoGAN(Detector):
             fx, fr = self.critic.features(x), self.critic.features(reconstruction)
         return izif_loss(x, reconstruction.float(), fx.float(), fr.float(), self.config.kappa), reconstruction.float()
 
-    def score(self, images, batch_size: int = 64):
-        x_all = as_tensor(images)
-        scores, maps = [], []
-        for i in range(0, len(x_all), batch_size):
-            x = x_all[i : i + batch_size].to(self.device)
-            s, reconstruction = self._forward(x)
-            scores.append(s.cpu())
-            maps.append(anomaly_map(x, reconstruction).cpu())
-        return torch.cat(scores).numpy(), torch.cat(maps).numpy().astype(np.float32)
-
-    def reconstruct(self, images, batch_size: int = 64):
-        x_all = as_tensor(images)
-        out = [self._forward(x_all[i : i + batch_size].to(self.device))[1].cpu() for i in range(0, len(x_all), batch_size)]
-        return torch.cat(out).numpy()
+    def _reconstruct_and_score(self, x):
+        scores, reconstruction = self._forward(x)
+        return reconstruction, scores
 
     # -- persistence: all three networks score (E and G reconstruct, D gives f) --------------------
     def _networks(self) -> dict[str, nn.Module]:
         return {"generator": self.generator, "critic": self.critic, "encoder": self.encoder}
 
     def state_tensors(self):
-        return {f"{name}.{k}": v for name, m in self._networks().items() for k, v in m.state_dict().items()}
+        return module_state(self._networks())
 
     def load_state_tensors(self, tensors):
-        for name, module in self._networks().items():
-            prefix = name + "."
-            module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        load_module_state(self._networks(), tensors)
         self._eval()
 
     def extra_state(self):

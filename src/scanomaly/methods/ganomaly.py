@@ -34,12 +34,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..detector import Detector, as_tensor, register
+from ..detector import ReconstructionDetector, anomaly_map, load_module_state, module_state, as_tensor, register
 from ..errors import ScanomalyError
 from ..nn.blocks import dcgan_decoder, dcgan_encoder, dcgan_init, num_halvings
 from ..training.loop import GANTask, GANTrainer, LoopSettings, Phase, autocast_context
@@ -112,10 +111,6 @@ def latent_score(z: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
     """A(x) = mean over latent dimensions of (z − ẑ)²: [N]."""
     return ((z - z_hat) ** 2).mean(1)
 
-
-def anomaly_map(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """|x − x̂|, averaged over channels: [N, S, S]."""
-    return (x - x_hat).abs().mean(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +210,7 @@ class GANomalyConfig:
 
 
 @register
-class GANomaly(Detector):
+class GANomaly(ReconstructionDetector):
     name = "ganomaly"
     Config = GANomalyConfig
     profiles = {
@@ -301,30 +296,17 @@ class GANomaly(Detector):
         return x_hat.float(), z.float(), z_hat.float()
 
     @torch.no_grad()
-    def score(self, images, batch_size: int = 64):
-        x_all = as_tensor(images)
-        scores, maps = [], []
-        for i in range(0, len(x_all), batch_size):
-            x = x_all[i : i + batch_size].to(self.device)
-            x_hat, z, z_hat = self._forward(x)
-            scores.append(latent_score(z, z_hat).cpu())
-            maps.append(anomaly_map(x, x_hat).cpu())
-        if not scores:
-            return np.zeros(0, np.float32), np.zeros((0, self.preprocessing.image_size, self.preprocessing.image_size), np.float32)
-        return torch.cat(scores).numpy(), torch.cat(maps).numpy().astype(np.float32)
-
-    @torch.no_grad()
-    def reconstruct(self, images, batch_size: int = 64):
-        x_all = as_tensor(images)
-        return torch.cat([self._forward(x_all[i : i + batch_size])[0].cpu() for i in range(0, len(x_all), batch_size)]).numpy()
+    def _reconstruct_and_score(self, x):
+        x_hat, z, z_hat = self._forward(x)
+        return x_hat, latent_score(z, z_hat)
 
     # -- persistence: the generator is the model; the discriminator is only needed to train ----
     def state_tensors(self):
-        return {f"generator.{k}": v for k, v in self.scoring_generator.state_dict().items()}
+        return module_state({"generator": self.scoring_generator})
 
     def load_state_tensors(self, tensors):
-        self.generator.load_state_dict({k[len("generator."):]: v for k, v in tensors.items() if k.startswith("generator.")})
-        self.scoring_generator = self.generator.eval()
+        load_module_state({"generator": self.generator}, tensors)
+        self.scoring_generator = self.generator
 
     def extra_state(self):
         r = self.train_result

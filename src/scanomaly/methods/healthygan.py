@@ -28,7 +28,7 @@ import torch.nn as nn
 from sklearn.metrics import roc_auc_score
 
 from ..data import ImageSet
-from ..detector import Detector, as_tensor, register
+from ..detector import ReconstructionDetector, anomaly_map, as_tensor, register
 from ..errors import ScanomalyError
 from ..nn.blocks import ResidualBlock, gradient_penalty, num_halvings
 from ..training.loop import GANTask, GANTrainer, LoopSettings, Phase, autocast_context
@@ -116,9 +116,9 @@ def reconstruction_loss(x_a: torch.Tensor, translation_a: torch.Tensor, mask_a: 
     return (x_a - (mask_a * x_a + (1 - mask_a) * translation_a)).abs().mean()
 
 
-def anomaly_map(x: torch.Tensor, healthy: torch.Tensor) -> torch.Tensor:
-    """|x − healthy(x)|, averaged over channels: [N, S, S] in [0, 2]."""
-    return (x - healthy).abs().mean(1)
+def paper_score(x: torch.Tensor, healthy: torch.Tensor) -> torch.Tensor:
+    """The paper's anomaly score: mean over pixels of |x − healthy(x)| / 2."""
+    return anomaly_map(x, healthy).flatten(1).mean(1) / 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +206,7 @@ class HealthyGANConfig:
 
 
 @register
-class HealthyGAN(Detector):
+class HealthyGAN(ReconstructionDetector):
     name = "healthygan"
     Config = HealthyGANConfig
     needs_unlabeled = True
@@ -325,7 +325,7 @@ class HealthyGAN(Detector):
         y = np.r_[np.zeros(len(s0)), np.ones(len(s1))]
         return float(roc_auc_score(y, np.r_[s0, s1]))
 
-    # -- score -------------------------------------------------------------------------------
+    # -- score ----------------------------------------------------------------------------------
     @torch.no_grad()
     def _translate(self, generator, x: torch.Tensor) -> torch.Tensor:
         with autocast_context(self.device, self.precision):
@@ -336,27 +336,14 @@ class HealthyGAN(Detector):
         out = []
         for i in range(0, len(images), batch_size):
             x = images[i : i + batch_size].to(self.device)
-            out.append((anomaly_map(x, self._translate(generator, x)).flatten(1).mean(1) / 2).cpu())
+            out.append(paper_score(x, self._translate(generator, x)).cpu())
         return torch.cat(out).numpy()
 
     @torch.no_grad()
-    def score(self, images, batch_size: int = 64):
-        x_all = as_tensor(images)
+    def _reconstruct_and_score(self, x):
         self.scoring_generator.eval()
-        scores, maps = [], []
-        for i in range(0, len(x_all), batch_size):
-            x = x_all[i : i + batch_size].to(self.device)
-            amap = anomaly_map(x, self._translate(self.scoring_generator, x))
-            scores.append(amap.flatten(1).mean(1) / 2)  # the paper's score: mean |x − x'| / 2
-            maps.append(amap)
-        return torch.cat(scores).cpu().numpy(), torch.cat(maps).cpu().numpy().astype(np.float32)
-
-    @torch.no_grad()
-    def reconstruct(self, images, batch_size: int = 64):
-        x_all = as_tensor(images)
-        self.scoring_generator.eval()
-        out = [self._translate(self.scoring_generator, x_all[i : i + batch_size]).cpu() for i in range(0, len(x_all), batch_size)]
-        return torch.cat(out).numpy()
+        healthy = self._translate(self.scoring_generator, x)
+        return healthy, paper_score(x, healthy)
 
     # -- persistence: the scoring generator is the model; the critic is only needed to train ----
     def state_tensors(self):
