@@ -266,21 +266,8 @@ class ALOCC(ReconstructionDetector):
             raise ScanomalyError("alocc needs at least one healthy training image")
         c = self.config
         task = ALOCCTask(self.reconstructor, self.discriminator, c)
-        settings = LoopSettings(
-            iterations=c.iterations,
-            batch_size=c.batch_size,
-            seed=c.seed,
-            lr_decay_fraction=c.lr_decay_fraction,
-            ema_decay=c.ema_decay,
-            hflip=c.hflip,
-            checkpoint_every=c.checkpoint_every,
-            sample_every=c.sample_every,
-            keep_snapshots=c.keep_snapshots,
-            precision=self.precision,
-        )
+        settings = LoopSettings.from_config(c, self.precision)
         trainer = GANTrainer(task, {"x": x}, settings, work_dir, self.device, progress, sample_batch={"x": x[:8]})
-        if c.ema_decay <= 0:
-            trainer.ema.clear()
         self.train_result = trainer.fit()
         mods = trainer.scoring_modules()
         self.scoring = {k: mods[k].eval() for k in self.scoring}

@@ -355,16 +355,7 @@ class AnoGAN(ReconstructionDetector):
             raise ScanomalyError("AnoGAN needs at least one healthy training image")
         c = self.config
         task = AnoGANTask(self.generator, self.discriminator, c)
-        settings = LoopSettings(
-            iterations=c.iterations,
-            batch_size=c.batch_size,
-            seed=c.seed,
-            lr_decay_fraction=c.lr_decay_fraction,
-            hflip=c.hflip,
-            checkpoint_every=c.checkpoint_every,
-            sample_every=c.sample_every,
-            precision=self.precision,
-        )
+        settings = LoopSettings.from_config(c, self.precision)
         trainer = GANTrainer(task, {"x": x}, settings, work_dir, self.device, progress, sample_batch={"x": x[:8]})
         self.train_result = trainer.fit()
         self._eval()

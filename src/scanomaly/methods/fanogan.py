@@ -276,15 +276,8 @@ class FAnoGAN(ReconstructionDetector):
 
     def _settings(self, iterations: int, decay: float, seed_offset: int = 0) -> LoopSettings:
         c = self.config
-        return LoopSettings(
-            iterations=iterations,
-            batch_size=c.batch_size,
-            seed=c.seed + seed_offset,
-            lr_decay_fraction=decay,
-            hflip=c.hflip,
-            checkpoint_every=c.checkpoint_every,
-            sample_every=c.sample_every,
-            precision=self.precision,
+        return LoopSettings.from_config(
+            c, self.precision, iterations=iterations, seed=c.seed + seed_offset, lr_decay_fraction=decay
         )
 
     def _eval(self) -> None:

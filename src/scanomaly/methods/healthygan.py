@@ -286,22 +286,9 @@ class HealthyGAN(ReconstructionDetector):
             evaluate = lambda mods: self._aucp(mods["generator"], x_hold, pool)  # noqa: E731
 
         task = HealthyGANTask(self.generator, self.critic, c)
-        settings = LoopSettings(
-            iterations=c.iterations,
-            batch_size=c.batch_size,
-            seed=c.seed,
-            lr_decay_fraction=c.lr_decay_fraction,
-            ema_decay=c.ema_decay,
-            hflip=c.hflip,
-            checkpoint_every=c.checkpoint_every,
-            sample_every=c.sample_every,
-            keep_snapshots=c.keep_snapshots,
-            precision=self.precision,
-        )
+        settings = LoopSettings.from_config(c, self.precision)
         sample = {"a": x_a[:8]}
         trainer = GANTrainer(task, {"a": x_a, "b": x_b}, settings, work_dir, self.device, progress, evaluate, sample)
-        if c.ema_decay <= 0:
-            trainer.ema.clear()
         self.train_result = trainer.fit()
         self.scoring_generator = trainer.scoring_modules()["generator"]
         if evaluate is not None and work_dir is not None and self.train_result.best_step is not None:

@@ -26,7 +26,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -65,6 +65,12 @@ class LoopSettings:
     log_every: int = 25
     keep_snapshots: bool = False  # also keep the EMA weights of every checkpoint (for analysis)
     precision: str = "32"  # "32" | "bf16" | "16-mixed"
+
+    @classmethod
+    def from_config(cls, config, precision: str = "32", **overrides) -> "LoopSettings":
+        """The settings a method's Config names, field by field (iterations, batch_size, seed, ...)."""
+        named = {f.name: getattr(config, f.name) for f in fields(cls) if hasattr(config, f.name)}
+        return cls(**{**named, "precision": precision, **overrides})
 
 
 class GANTask(abc.ABC):
@@ -224,7 +230,9 @@ class GANTrainer:
         self.evaluate = evaluate  # label-free checkpoint score, higher is better (AUCp)
         self.sample_batch = sample_batch
         self.stream = BatchStream(sets, settings.batch_size, settings.seed, settings.hflip)
-        self.ema = {name: EMA(task.modules()[name], settings.ema_decay) for name in task.ema_modules}
+        # ema_decay 0: score with the raw networks
+        ema_names = task.ema_modules if settings.ema_decay > 0 else ()
+        self.ema = {name: EMA(task.modules()[name], settings.ema_decay) for name in ema_names}
         self.scaler = torch.amp.GradScaler("cuda", enabled=settings.precision == "16-mixed")
         self.step = 0
         self.best_metric: float | None = None
