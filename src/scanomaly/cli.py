@@ -683,8 +683,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train and evaluate on the bundled chest X-ray sample")
     p.add_argument("--out", default="scanomaly_demo", metavar="DIR")
-    p.add_argument("--iters", type=int)
+    p.add_argument("--iters", type=int, help="training iterations (default 300)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("benchmark", help="train and score several methods and seeds on one shared split; "
