@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from scanomaly.data import ABNORMAL, NORMAL, ImageRecord
@@ -62,3 +63,12 @@ def make_tiny_tree(root: Path, n: int = 6, size: int = 32, seed: int = 0) -> Pat
 @pytest.fixture
 def tiny_tree(tmp_path) -> Path:
     return make_tiny_tree(tmp_path / "tiny")
+
+
+def blobs(n: int, size: int = 32, seed: int = 0, lesion: bool = False) -> torch.Tensor:
+    """Smooth synthetic 'scans' [n, 1, size, size] in [-1, 1]; with lesion=True a bright square is added."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.nn.functional.avg_pool2d(torch.rand(n, 1, size, size, generator=g), 5, 1, 2) * 2 - 1
+    if lesion:
+        base[:, :, 8:16, 8:16] = 1.0
+    return base

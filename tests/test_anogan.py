@@ -22,13 +22,9 @@ from scanomaly.methods.anogan import (
     sample_latent,
 )
 
+from conftest import blobs
+
 REAL_NORMALS = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray_pneumonia" / "train" / "normal"
-
-
-def blobs(n, size=32, seed=0):
-    """Smooth synthetic 'scans' in [-1, 1]."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.nn.functional.avg_pool2d(torch.rand(n, 1, size, size, generator=g), 5, 1, 2) * 2 - 1
 
 
 def tiny(**overrides):

@@ -18,13 +18,9 @@ from scanomaly.methods.fanogan import (
 from scanomaly.nn.wgan_resnet import DownBlock, ResNetCritic, ResNetGenerator, UpBlock, critic_widths, generator_widths
 from scanomaly.training.loop import GANTrainer, LoopSettings
 
+from conftest import blobs
+
 REAL_NORMALS = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray_pneumonia" / "train" / "normal"
-
-
-def blobs(n, size=32, seed=0):
-    """Smooth synthetic 'scans' in [-1, 1]."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.nn.functional.avg_pool2d(torch.rand(n, 1, size, size, generator=g), 5, 1, 2) * 2 - 1
 
 
 def tiny(**overrides):

@@ -16,14 +16,7 @@ from scanomaly.methods.healthygan import (
 )
 from scanomaly.nn.blocks import gradient_penalty
 
-
-def blobs(n, size=32, seed=0, lesion=False):
-    """Smooth synthetic 'scans' in [-1, 1]; with lesion=True a bright square is added."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.nn.functional.avg_pool2d(torch.rand(n, 1, size, size, generator=g), 5, 1, 2) * 2 - 1
-    if lesion:
-        base[:, :, 8:16, 8:16] = 1.0
-    return base
+from conftest import blobs
 
 
 # -- networks ----------------------------------------------------------------------------------
