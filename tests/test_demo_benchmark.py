@@ -3,7 +3,6 @@
 import json
 from types import SimpleNamespace
 
-import pytest
 
 from scanomaly.benchmark import markdown_row, run_method
 from scanomaly.cli import main

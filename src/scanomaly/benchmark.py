@@ -55,6 +55,7 @@ def run_method(
     one_class_train: str = "healthy",  # "healthy" (= B) or "all_normals" (B + holdout + A's normals: a ceiling)
     progress: bool = True,
     n_bootstrap: int = 1000,  # resamples for the test AUROC's bootstrap CI
+    pixel_region: str = "foreground",  # headline pixel metrics: "foreground" (head, from intensity) or "all"
 ) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -88,7 +89,7 @@ def run_method(
     train_seconds = time.perf_counter() - t0
     det.save(out_dir / "model")
 
-    val_scores, _, _ = timed_score(det, val)
+    val_scores, val_maps, _ = timed_score(det, val)
     test_scores, test_maps, images_per_second = timed_score(det, test)
     result = {
         "method": method,
@@ -99,6 +100,7 @@ def run_method(
         "precision": precision,
         "device": str(det.device),
         "image_size": prep.image_size,
+        "preprocessing": prep.to_dict(),
         "split": split_counts(split),
         "train_seconds": train_seconds,
         "scoring_images_per_second": images_per_second,
@@ -110,12 +112,84 @@ def run_method(
     train_result = getattr(det, "train_result", None)
     if train_result is not None:
         result["iterations_per_second"] = train_result.iterations_per_second
+    result.update(_localization_and_anatomy(data, out_dir, test, test_scores, test_maps, val, val_scores, val_maps,
+                                            pixel_region))
     snapshots = sorted((out_dir / "train" / "snapshots").glob("step_*.safetensors"))
     if snapshots:
         result["checkpoint_analysis"] = _checkpoint_analysis(det, snapshots, test, result["extra"])
     _write_scores(out_dir / "test_scores.csv", test, test_scores)
     (out_dir / "result.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def _localization_and_anatomy(data, out_dir: Path, test, test_scores, test_maps, val, val_scores, val_maps,
+                              pixel_region: str) -> dict:
+    """The result.json blocks beyond image AUROC, where the data allows them:
+    - "localization" (test masks with lesions): pixel AUROC, AUPRO and Dice against the masks, the
+      Dice threshold chosen on the validation maps; the gallery slices' maps in localization_gallery.npz;
+    - "slice_matched" (a manifest with slice positions): image AUROC among mid-volume test slices and
+      a position-only baseline;
+    - "patient_level" and "per_patient" (patient ids): patient AUROCs from slice scores, and per
+      patient the slice AUROC, pixel AUROC and Dice (localization_per_patient.csv).
+    See localization.py."""
+    from . import localization as loc
+
+    out: dict = {}
+    test_masks = _masks_at(test, test_maps)
+    val_masks = _masks_at(val, val_maps)
+    region = threshold = None
+    if test_masks is not None and test_masks.any():
+        test_maps = _maps_at(test_maps, test_masks.shape[1:])
+        val_maps_ok = val_masks is not None and len(val_maps) == len(val)
+        foreground = pixel_region == "foreground"
+        region = loc.foreground_mask(test.images.numpy()) if foreground else None
+        block = loc.evaluate_localization(
+            test_maps, test_masks, test.images.numpy(),
+            _maps_at(val_maps, val_masks.shape[1:]) if val_maps_ok else None,
+            val_masks if val_maps_ok else None, val.images.numpy() if val_maps_ok else None,
+            region=pixel_region, test_region=region,
+            val_region=loc.foreground_mask(val.images.numpy()) if foreground and val_maps_ok else None)
+        out["localization"] = block
+        threshold = block.get("dice_threshold")
+        positions = loc.positions_of(test.records, loc.read_slice_positions(data))
+        idx = loc.gallery_indices(test.records, test_masks, positions=positions)
+        if idx:
+            loc.save_gallery(out_dir / loc.GALLERY_FILE, idx, test.records, test.images.numpy(), test_masks, test_maps,
+                             region=region, threshold=threshold, val_maps=val_maps if len(val_maps) else None)
+            block["gallery"] = loc.GALLERY_FILE
+    positions = loc.read_slice_positions(data)
+    if positions:
+        tp = loc.positions_of(test.records, positions)
+        if np.isfinite(tp).any():
+            out["slice_matched"] = loc.slice_matched(test_scores, test.labels, tp, val.labels,
+                                                     loc.positions_of(val.records, positions))
+    ids = test.patient_ids
+    if ids and all(ids):
+        out["patient_level"] = loc.patient_level(test_scores, test.labels, ids)
+        with_maps = "localization" in out
+        rows = loc.per_patient(test_scores, test.labels, ids, test_maps if with_maps else None,
+                               test_masks if with_maps else None, region, threshold)
+        loc.write_per_patient(rows, out_dir / loc.PER_PATIENT_FILE)
+        out["per_patient"] = {**loc.summarize_per_patient(rows), "file": loc.PER_PATIENT_FILE}
+    return out
+
+
+def _masks_at(images, maps) -> np.ndarray | None:
+    """The set's masks as a bool array, or None when it has none."""
+    if images.masks is None or maps is None or len(maps) != len(images):
+        return None
+    return images.masks.numpy().astype(bool)
+
+
+def _maps_at(maps, size) -> np.ndarray:
+    """Maps at the masks' size (every method here returns maps at its input size; resized
+    bilinearly, as a safeguard, where one does not)."""
+    maps = np.asarray(maps, dtype=np.float32)
+    if maps.shape[1:] == tuple(size):
+        return maps
+    t = torch.nn.functional.interpolate(torch.from_numpy(maps)[:, None], size=tuple(size), mode="bilinear",
+                                        align_corners=False)
+    return t[:, 0].numpy()
 
 
 def _evaluate_rules(labels, scores, val_labels, val_scores, seed: int, n_bootstrap: int) -> dict:

@@ -2,7 +2,8 @@
 
     scanomaly info DIR_OR_CSV                         what a data folder holds, and what cannot be read
     scanomaly train METHOD --from-labeled DIR --out RUN
-    scanomaly score RUN IMAGES --out scores.csv [--heatmaps DIR]
+    scanomaly score RUN IMAGES --out scores.csv [--heatmaps DIR] [--runtime onnx]
+    scanomaly export RUN --format onnx               the scoring network, for ONNX Runtime
     scanomaly evaluate scores.csv --data DIR [--val-scores RUN/val_scores.csv]
     scanomaly demo
     scanomaly benchmark --data DIR --methods healthygan,padim --seeds 3 --out BENCH
@@ -31,6 +32,7 @@ import numpy as np
 from . import __version__
 from .data import ABNORMAL, NORMAL, UNKNOWN, ImageRecord, discover, load_images
 from .errors import ImageReadError, ScanomalyError
+from .scores_csv import SCORE_COLUMNS, record_key, write_scores_csv  # noqa: F401 - re-exported
 
 # ------------------------------------------------------------------------------------------
 # small helpers
@@ -39,10 +41,6 @@ from .errors import ImageReadError, ScanomalyError
 
 def _abspath(p) -> Path:
     return Path(os.path.abspath(os.path.expanduser(str(p))))
-
-
-def _key(path, index=None) -> tuple[str, int | None]:
-    return (os.path.normcase(os.path.normpath(os.path.abspath(str(path)))), index)
 
 
 def _label_text(label: int) -> str:
@@ -90,24 +88,6 @@ def _print_skipped(skipped: list[dict], limit: int = 10) -> None:
 # ------------------------------------------------------------------------------------------
 # score CSVs
 # ------------------------------------------------------------------------------------------
-SCORE_COLUMNS = ("path", "index", "name", "score", "label", "patient_id")
-
-
-def write_scores_csv(path, records: list[ImageRecord], scores, extra: dict[str, list] | None = None) -> Path:
-    """path,index,name,score,label,patient_id[,extra columns]; label is 0/1, empty when unknown."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    extra = extra or {}
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(list(SCORE_COLUMNS) + list(extra))
-        for i, (rec, s) in enumerate(zip(records, np.asarray(scores, dtype=np.float64).tolist())):
-            w.writerow([rec.path, "" if rec.index is None else rec.index, rec.name, repr(float(s)),
-                        "" if rec.label == UNKNOWN else rec.label, rec.patient_id or ""]
-                       + [col[i] for col in extra.values()])
-    return path
-
-
 def read_scores_csv(path) -> list[dict]:
     """Rows of a scores CSV: {"path", "index", "score", "label" (int or None), "patient_id"}.
     Relative paths are taken relative to the working folder, or to the CSV's folder when only there."""
@@ -158,13 +138,13 @@ def _attach_labels(rows: list[dict], records: list[ImageRecord] | None) -> tuple
     else by file name when that is unique. Returns (rows with labels, number unmatched)."""
     if records is None:
         return rows, 0
-    by_key = {_key(r.path, r.index): r for r in records}
+    by_key = {record_key(r.path, r.index): r for r in records}
     by_name: dict = {}
     for r in records:
         by_name.setdefault((Path(r.path).name, r.index), []).append(r)
     out, unmatched = [], 0
     for row in rows:
-        rec = by_key.get(_key(row["path"], row["index"]))
+        rec = by_key.get(record_key(row["path"], row["index"]))
         if rec is None:
             same = by_name.get((Path(row["path"]).name, row["index"]), [])
             rec = same[0] if len(same) == 1 else None
@@ -365,16 +345,30 @@ def _without_labels(records: list[ImageRecord]) -> list[ImageRecord]:
 
 
 def _cmd_train(args) -> int:
-    from .detector import config_to_dict, get_method
-    from .splits import make_healthygan_split, split_counts, write_split_manifest
+    from . import distributed
+    from .detector import get_method
 
     t0 = time.time()
     cls = get_method(args.method)
+    if distributed.launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1 and not cls.distributed_training:
+        raise ScanomalyError(f"method {cls.name!r} does not train with torchrun (it has no gradient steps to "
+                             "share out); run it as one process")
+    world = distributed.init_from_env(args.device)  # a no-op unless launched by torchrun
+    try:
+        return _train(args, cls, world, t0)
+    finally:
+        distributed.shutdown()
+
+
+def _train(args, cls, world, t0) -> int:
+    from .detector import config_to_dict
+    from .splits import make_healthygan_split, split_counts, write_split_manifest
+
     config_overrides, prep_overrides = _overrides(cls, args)
     det = cls.from_profile(args.profile, config_overrides, prep_overrides, device=args.device, precision=args.precision)
     run = _abspath(args.out)
     run.mkdir(parents=True, exist_ok=True)
-    progress = not args.no_progress
+    progress = not args.no_progress and world.is_main
 
     split = None
     holdout_recs: list[ImageRecord] = []
@@ -420,10 +414,14 @@ def _cmd_train(args) -> int:
         skipped += holdout_set.skipped
         fit_kwargs["holdout"] = holdout_set
 
-    print(f"training {cls.name} ({args.profile} profile) on {len(healthy_set)} healthy"
-          + (f" + {len(unlabeled_set)} unlabeled" if unlabeled_set is not None else "") + f" image(s), device {det.device}",
-          file=sys.stderr)
+    if world.is_main:
+        print(f"training {cls.name} ({args.profile} profile) on {len(healthy_set)} healthy"
+              + (f" + {len(unlabeled_set)} unlabeled" if unlabeled_set is not None else "")
+              + f" image(s), device {det.device}"
+              + (f", {world.size} processes" if world.distributed else ""), file=sys.stderr)
     det.fit(healthy_set, unlabeled_set, **fit_kwargs)
+    if not world.is_main:  # the ranks end with identical models: rank 0 saves and scores
+        return 0
     model_dir = det.save(run / "model")
 
     n_val = 0
@@ -478,71 +476,78 @@ def _model_dir(path: Path) -> Path:
     return path
 
 
-def _safe_stem(rec: ImageRecord) -> str:
-    name = Path(rec.path).name
-    for suffix in (".nii.gz", Path(name).suffix):
-        if suffix and name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    if rec.index is not None:
-        name += f"_{rec.index}"
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:80]
+def _load_scorer(args):
+    """The saved Detector (--runtime torch), or ONNX Runtime on the exported model.onnx (--runtime onnx)."""
+    run = _abspath(args.model)
+    if not run.exists():
+        raise ScanomalyError(f"{args.model}: no such run or model folder")
+    if args.runtime == "onnx":
+        from .export import OnnxScorer, find_onnx
+
+        return OnnxScorer(find_onnx(run))
+    from .detector import Detector
+
+    return Detector.load(_model_dir(run), device=args.device)
+
+
+def _records_to_score(args) -> list[ImageRecord]:
+    source = _abspath(args.images)
+    if not args.role:
+        return discover(source)
+    from .splits import ROLES, read_split_manifest
+
+    split = read_split_manifest(source)
+    if args.role not in ROLES + ("val",):
+        raise ScanomalyError(f"unknown role {args.role!r}; use one of {ROLES + ('val',)}")
+    records = getattr(split, args.role)
+    if not records:
+        raise ScanomalyError(f"{args.images}: no records with role {args.role!r}")
+    return records
 
 
 def _cmd_score(args) -> int:
-    from tqdm.auto import tqdm
+    from .streaming import score_stream
 
+    scorer = _load_scorer(args)
+    records = _records_to_score(args)
+    out = _abspath(args.out)
+    try:
+        summary = score_stream(
+            scorer, records, out, batch_size=args.batch_size, workers=args.workers,
+            heatmap_dir=_abspath(args.heatmaps) if args.heatmaps else None,
+            heatmap_range=tuple(args.heatmap_range) if args.heatmap_range else None,
+            overwrite=args.overwrite, progress=not args.no_progress,
+        )
+    except KeyboardInterrupt:
+        print(f"the images scored so far are in {out}; run the same command again to resume", file=sys.stderr)
+        raise
+    skipped_path = out.with_name(out.stem + "_skipped.json")
+    _write_json(skipped_path, summary.skipped)
+    _print_skipped(summary.skipped)
+    print(f"scored {summary.n_scored} image(s) with {scorer.name} ({args.runtime}, "
+          f"{summary.images_per_second:.1f} images/s): scores in {out}"
+          + (f" ({summary.n_already_scored} scored before, not again)" if summary.n_already_scored else "")
+          + (f", heatmaps in {args.heatmaps}" if args.heatmaps else "")
+          + (f"; {len(summary.skipped)} skipped (listed in {skipped_path})" if summary.skipped else ""))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
+# export
+# ------------------------------------------------------------------------------------------
+def _cmd_export(args) -> int:
     from .detector import Detector
+    from .export import ONNX_FILE, export_onnx
 
     run = _abspath(args.model)
     if not run.exists():
         raise ScanomalyError(f"{args.model}: no such run or model folder")
-    det = Detector.load(_model_dir(run), device=args.device)
-    source = _abspath(args.images)
-    if args.role:
-        from .splits import ROLES, read_split_manifest
-
-        split = read_split_manifest(source)
-        if args.role not in ROLES + ("val",):
-            raise ScanomalyError(f"unknown role {args.role!r}; use one of {ROLES + ('val',)}")
-        records = getattr(split, args.role)
-        if not records:
-            raise ScanomalyError(f"{args.images}: no records with role {args.role!r}")
-    else:
-        records = discover(source)
-    progress = not args.no_progress
-    images = load_images(records, det.preprocessing, progress=progress)
-    bs = {"batch_size": args.batch_size} if args.batch_size else {}
-    scores, maps = det.score(images, **bs)
-    scores = np.asarray(scores, dtype=np.float64)
-    extra = {}
-    if args.heatmaps:
-        import torch
-
-        from .preprocess import to_unit_range
-        from .viz import save_heatmap_panel
-
-        out_dir = _abspath(args.heatmaps)
-        healthy = det.reconstruct(images, **bs)
-        maps = np.asarray(maps, dtype=np.float32)
-        vmin, vmax = float(np.min(maps)), float(np.percentile(maps, 99.5))  # one scale for the whole set
-        paths = []
-        for i, rec in enumerate(tqdm(images.records, desc="heatmaps", disable=not progress, leave=False)):
-            path = out_dir / f"{i:05d}_{_safe_stem(rec)}.png"
-            title = f"{rec.name}  score {scores[i]:.4g}" + (f"  ({_label_text(rec.label)})" if rec.label != UNKNOWN else "")
-            # model tensors are in [-1, 1]; give the panel [0, 1] explicitly
-            save_heatmap_panel(path, to_unit_range(images.images[i]), maps[i],
-                               healthy=None if healthy is None else to_unit_range(torch.as_tensor(healthy[i])),
-                               title=title, vmin=vmin, vmax=vmax)
-            paths.append(str(path))
-        extra["heatmap"] = paths
-    out = write_scores_csv(_abspath(args.out), images.records, scores, extra=extra)
-    skipped_path = out.with_name(out.stem + "_skipped.json")
-    _write_json(skipped_path, images.skipped)
-    _print_skipped(images.skipped)
-    print(f"scored {len(images)} image(s) with {det.name}: scores in {out}"
-          + (f", heatmaps in {args.heatmaps}" if args.heatmaps else "")
-          + (f"; {len(images.skipped)} skipped (listed in {skipped_path})" if images.skipped else ""))
+    model_dir = _model_dir(run)
+    det = Detector.load(model_dir, device="cpu")
+    result = export_onnx(det, _abspath(args.out) if args.out else model_dir / ONNX_FILE, opset=args.opset)
+    print(f"exported {det.name} to {result.path} (ONNX opset {result.opset}, dynamic batch axis, preprocessing "
+          f"in its metadata); ONNX Runtime against PyTorch on a probe batch: largest score difference "
+          f"{result.max_score_difference:.2g}")
     return 0
 
 
@@ -670,16 +675,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("score", help="score images with a trained model; optional heatmap panels")
+    from .export import DEFAULT_OPSET
+    from .streaming import DEFAULT_WORKERS
+
+    p = sub.add_parser("score", help="score images with a trained model, streaming (resumable); optional heatmap panels")
     p.add_argument("model", metavar="RUN_OR_MODEL_DIR")
     p.add_argument("images", metavar="IMAGES_OR_DIR", help="folder, image file, manifest CSV or .npz")
     p.add_argument("--out", required=True, metavar="CSV")
     p.add_argument("--heatmaps", metavar="DIR", help="write one heatmap panel PNG per image here")
     p.add_argument("--role", help="with a split.csv: score only this role (e.g. test, val)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--batch-size", type=int, default=64, help="images read, scored and written at a time (default 64)")
+    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                   help=f"processes that read and preprocess images (default {DEFAULT_WORKERS}; 0: in the main process)")
+    p.add_argument("--heatmap-range", type=float, nargs=2, metavar=("VMIN", "VMAX"),
+                   help="colour scale of the heatmap panels (default: from the first batch, kept for the run)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over; by default an existing --out is resumed (images already in it are not rescored)")
+    p.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
+                   help="onnx: ONNX Runtime on the model folder's model.onnx (see `export`), or give a .onnx file as RUN")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (--runtime torch)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_score)
+
+    p = sub.add_parser("export", help="export a trained model for deployment (ONNX, with its preprocessing)")
+    p.add_argument("model", metavar="RUN_OR_MODEL_DIR")
+    p.add_argument("--format", choices=("onnx",), default="onnx")
+    p.add_argument("--out", metavar="FILE", help="where to write it (default: MODEL_DIR/model.onnx)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("demo", help="train and evaluate on the bundled chest X-ray sample")
     p.add_argument("--out", default="scanomaly_demo", metavar="DIR")

@@ -75,6 +75,7 @@ class Detector(abc.ABC):
     name: ClassVar[str] = ""
     Config: ClassVar[type] = object
     needs_unlabeled: ClassVar[bool] = False  # True for HealthyGAN (trains on healthy + mixed)
+    distributed_training: ClassVar[bool] = False  # True for the GANs: they train in training.loop, torchrun-ready
     # named settings: {"cpu": {"config": {...}, "preprocessing": {...}}, "paper": {...}, "tiny": {...}}
     profiles: ClassVar[dict[str, dict]] = {}
 
@@ -116,6 +117,21 @@ class Detector(abc.ABC):
         """The model's normal-looking version of each image ([N, C, S, S] in [-1, 1]), if it has one.
         HealthyGAN's healthy translation, an autoencoder's reconstruction; None for feature methods."""
         return None
+
+    def score_and_reconstruct(self, images, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """`score` and `reconstruct` together (heatmap panels show both); one pass where the method can."""
+        scores, maps = self.score(images, batch_size)
+        return scores, maps, self.reconstruct(images, batch_size)
+
+    # -- export -----------------------------------------------------------------------------
+    # why a method gives no `scoring_network` (the message of `scanomaly export`)
+    not_exportable_because: ClassVar[str] = "its score is not one forward pass of a network"
+
+    def scoring_network(self) -> torch.nn.Module:
+        """The whole scoring computation as one module: x [N, C, S, S] in [-1, 1] ->
+        (reconstruction [N, C, S, S], scores [N]). A method that has one scores through it, so what
+        `scanomaly export` writes to ONNX is exactly what `score` computes."""
+        raise ScanomalyError(f"{self.name} cannot be exported to ONNX: {self.not_exportable_because}")
 
     # -- the verbs ------------------------------------------------------------------------
     @abc.abstractmethod
@@ -187,6 +203,9 @@ _BF16_PROBE = (
     "import torch\n"
     "with torch.autocast('cpu', dtype=torch.bfloat16):\n"
     "    torch.nn.Conv2d(8, 8, 3)(torch.randn(2, 8, 16, 16)).sum().backward()\n"
+    # transposed convolutions (every decoder and upsampler here) run other oneDNN kernels, which
+    # die on such CPUs where the convolution above does not
+    "    torch.nn.ConvTranspose2d(8, 8, 4, 2, 1)(torch.randn(2, 8, 8, 8)).sum().backward()\n"
 )
 
 
@@ -237,13 +256,24 @@ def load_module_state(modules: dict[str, torch.nn.Module], tensors: dict[str, to
 class ReconstructionDetector(Detector):
     """A method that scores a scan against a normal-looking version of it (every GAN method here).
 
-    Subclasses give `_reconstruct_and_score(x)` for one batch already on the device; batching,
-    the heatmap |x − reconstruction| and `reconstruct` are written once, here.
+    Subclasses give `scoring_network()` (the score is one forward pass: exportable to ONNX) or,
+    when it is not (AnoGAN's latent search), override `_reconstruct_and_score(x)` for one batch
+    already on the device. Batching, the heatmap |x − reconstruction| and `reconstruct` are
+    written once, here.
     """
 
-    @abc.abstractmethod
     def _reconstruct_and_score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """([N, C, S, S] reconstruction, [N] scores) of a batch."""
+        return self._run_scoring(self.scoring_network(), x)
+
+    def _run_scoring(self, network: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A scoring network on a batch: eval mode, no gradients, the detector's precision."""
+        # imported here: the training loop is a heavier module that the detector interface should not pull in
+        from .training.loop import autocast_context
+
+        network.eval()
+        with torch.no_grad(), autocast_context(self.device, self.precision):
+            return network(x.to(self.device))
 
     def _batches(self, images, batch_size: int):
         x_all = as_tensor(images)
@@ -253,18 +283,27 @@ class ReconstructionDetector(Detector):
             yield x, reconstruction.detach().float(), scores.detach()
 
     def score(self, images, batch_size: int = 64):
-        scores, maps = [], []
+        scores, maps, _ = self._collect(images, batch_size, keep_reconstructions=False)
+        return scores, maps
+
+    def reconstruct(self, images, batch_size: int = 64):
+        return self._collect(images, batch_size, keep_reconstructions=True)[2]
+
+    def score_and_reconstruct(self, images, batch_size: int = 64):
+        return self._collect(images, batch_size, keep_reconstructions=True)
+
+    def _collect(self, images, batch_size: int, keep_reconstructions: bool):
+        scores, maps, reconstructions = [], [], []
         for x, reconstruction, s in self._batches(images, batch_size):
             scores.append(s.cpu())
             maps.append(anomaly_map(x, reconstruction).cpu())
+            if keep_reconstructions:
+                reconstructions.append(reconstruction.cpu())
         if not scores:
             size = self.preprocessing.image_size
-            return np.zeros(0, np.float64), np.zeros((0, size, size), np.float32)
-        return torch.cat(scores).numpy(), torch.cat(maps).numpy().astype(np.float32)
-
-    def reconstruct(self, images, batch_size: int = 64):
-        out = [reconstruction.cpu() for _, reconstruction, _ in self._batches(images, batch_size)]
-        return torch.cat(out).numpy() if out else None
+            return np.zeros(0, np.float64), np.zeros((0, size, size), np.float32), None
+        return (torch.cat(scores).numpy(), torch.cat(maps).numpy().astype(np.float32),
+                torch.cat(reconstructions).numpy() if keep_reconstructions else None)
 
 
 def resolve_device(device: str) -> str:

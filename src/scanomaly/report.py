@@ -4,10 +4,12 @@
     build_report("runs/padim")     # a single run folder (result.json, test_scores.csv, model/)
 
 Sections: the settings and split; the summary tables (as in results.md: mean ± std over seeds, best
-in bold); every run; ROC curves of all methods on one plot; normal vs abnormal score histograms per
-method; and a gallery of the most and least anomalous test images (ranked by HealthyGAN's scores
-when it ran, else by the first method's), each method's anomaly map over the scan and HealthyGAN's
-healthy translation beside it. The gallery loads each method's saved model (first successful seed)
+in bold; localisation and anatomy tables where the data has masks / slice positions); every run; ROC
+curves of all methods on one plot; normal vs abnormal score histograms per method; a gallery of the
+most and least anomalous test images (ranked by HealthyGAN's scores when it ran, else by the first
+method's), each method's anomaly map over the scan and HealthyGAN's healthy translation beside it;
+and, on data with pixel masks, a gallery of the same test slices for every method, its heatmap with
+the ground-truth lesion outline drawn over it (from each run's localization_gallery.npz). The gallery loads each method's saved model (first successful seed)
 and scores only those few images. Figures are drawn with matplotlib's Agg backend and embedded as
 base64 PNG data URIs, so the file can be mailed or archived on its own.
 """
@@ -307,6 +309,106 @@ def _gallery(base: Path, results: dict, n: int, device: str) -> tuple[str | None
 
 
 # ------------------------------------------------------------------------------------------
+# localisation gallery (data with pixel masks)
+# ------------------------------------------------------------------------------------------
+def _outline(ax, mask: np.ndarray, color: str, style: str = "solid", width: float = 0.9) -> None:
+    if mask is None or not np.asarray(mask).any():
+        return
+    h, w = mask.shape
+    ax.contour(np.arange(w) + 0.5, np.arange(h) + 0.5, np.asarray(mask, dtype=np.float32), levels=[0.5],
+               colors=[color], linewidths=width, linestyles=style)
+
+
+def localization_gallery_figure(galleries: dict[str, dict]) -> str:
+    """galleries: {method: localization.load_gallery(...)}, all of the same test slices (matched by
+    path; a method without a slice shows n/a). Column 1: the scan with the ground-truth outline;
+    then per method its anomaly map over the scan (colour range: its validation maps' 1st to 99.9th
+    percentile), the ground-truth outline (green) and, dashed white, the region at or above the
+    validation-chosen Dice threshold."""
+    methods = list(galleries)
+    first = galleries[methods[0]]
+    paths = [str(p) for p in first["paths"]]
+    nrow, ncol = len(paths), len(methods) + 1
+    fig = _figure(1.8 * ncol + 0.3, 1.8 * nrow + 0.4, dpi=90)
+    axes = fig.subplots(nrow, ncol, squeeze=False)
+    index = {m: {str(p): i for i, p in enumerate(g["paths"])} for m, g in galleries.items()}
+    for i, path in enumerate(paths):
+        img, mask = first["images"][i].astype(np.float32), first["masks"][i]
+        h, w = img.shape
+        ax = axes[i, 0]
+        ax.imshow(img, cmap="gray", vmin=0, vmax=1, extent=(0, w, h, 0), interpolation="nearest")
+        _outline(ax, mask, "lime")
+        label = "lesion" if int(first["labels"][i]) == 1 else "no lesion"
+        ax.set_ylabel(f"{Path(path).stem[:28]}\n{label}", fontsize=6)
+        for j, m in enumerate(methods, start=1):
+            ax = axes[i, j]
+            g = galleries[m]
+            k = index[m].get(path)
+            if k is None:
+                ax.text(0.5, 0.5, "n/a", ha="center", va="center", fontsize=8, transform=ax.transAxes)
+            else:
+                im = g["images"][k].astype(np.float32)
+                mp = g["maps"][k].astype(np.float32)
+                gt, region = g["masks"][k], g["region"][k]
+                lo, hi = (float(v) for v in g["display_range"])
+                hh, ww = im.shape
+                ax.imshow(im, cmap="gray", vmin=0, vmax=1, extent=(0, ww, hh, 0), interpolation="nearest")
+                ax.imshow(np.nan_to_num(mp), cmap="jet", alpha=0.45, vmin=lo, vmax=hi, extent=(0, ww, hh, 0),
+                          interpolation="bilinear")
+                _outline(ax, gt, "lime")
+                thr = float(g["threshold"])
+                if np.isfinite(thr):
+                    pred = (mp >= thr) & region
+                    _outline(ax, pred, "white", "dashed", 0.8)
+                    if gt.any():
+                        tp = int((pred & gt & region).sum())
+                        text = f"Dice {2 * tp / (int(pred.sum()) + int((gt & region).sum())):.2f}"
+                    else:
+                        text = f"flagged {pred.sum() / max(1, region.sum()):.0%}"
+                    ax.text(0.03, 0.97, text, transform=ax.transAxes, va="top", ha="left", fontsize=6,
+                            color="white", bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "lw": 0})
+            if i == 0:
+                ax.set_title(m, fontsize=8)
+        if i == 0:
+            axes[0, 0].set_title("scan + lesion outline", fontsize=8)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout(pad=0.3)
+    return _png_data_uri(fig)
+
+
+def _localization_section(base: Path, results: dict) -> list[str]:
+    """HTML for the localisation gallery, or [] when no run stored one."""
+    from .localization import GALLERY_FILE, load_gallery
+
+    galleries, notes = {}, []
+    for m in _methods(results):
+        for run in _ok_runs(results, m):
+            path = base / run["dir"] / GALLERY_FILE
+            if path.is_file():
+                try:
+                    galleries[m] = load_gallery(path)
+                except Exception as exc:  # noqa: BLE001 - one unreadable file must not sink the report
+                    notes.append(f"{m}: {path} unreadable ({type(exc).__name__}: {exc})")
+                break
+    if not galleries:
+        return []
+    parts = ["<h2>Where the heatmaps point: test slices with the lesion outline</h2>"]
+    try:
+        parts.append(f'<img alt="localization gallery" src="{localization_gallery_figure(galleries)}">')
+    except Exception as exc:  # noqa: BLE001
+        notes.append(f"localisation gallery left out ({type(exc).__name__}: {exc})")
+    parts.append('<p class="note">Slices chosen from the masks only, never from scores (one per patient, spread '
+                 "from the largest lesion to the smallest; then lesion-free slices), the same for every method; first "
+                 "successful seed of each method. Green: the ground-truth lesion outline; dashed white: where the map "
+                 "is at or above the Dice threshold chosen on validation (inside the head foreground); colour scale per "
+                 "method from its validation maps (1st to 99.9th percentile).</p>")
+    parts += [f'<p class="note">{_e(n)}</p>' for n in notes]
+    return parts
+
+
+# ------------------------------------------------------------------------------------------
 # HTML
 # ------------------------------------------------------------------------------------------
 _CSS = """
@@ -379,6 +481,12 @@ def render_html(results: dict, base: Path, n_gallery: int = 4, device: str = "cp
     parts.append('<p class="note">Mean ± standard deviation over seeds (no ± with one seed); best per column in bold. '
                  "AUROC 95% CI: stratified bootstrap interval on the test set (bounds averaged over seeds). "
                  "Thresholds are chosen on the validation split, never on test.</p>")
+    try:
+        from .localization import notes_for_results
+
+        parts += [f'<p class="note">{_e(n)}</p>' for n in notes_for_results(results)]
+    except Exception:  # noqa: BLE001 - notes are a courtesy
+        pass
     failed = failures(results)
     if failed:
         parts.append("<h2>Failed</h2>\n<ul>" + "".join(
@@ -415,6 +523,11 @@ def render_html(results: dict, base: Path, n_gallery: int = 4, device: str = "cp
         if uri:
             parts.append(f'<img alt="gallery" src="{uri}">')
         parts += [f'<p class="note">{_e(n)}</p>' for n in gallery_notes]
+    if methods:
+        try:
+            parts += _localization_section(base, results)
+        except Exception as exc:  # noqa: BLE001 - the rest of the report is still worth having
+            parts.append(f'<p class="note">{_e(f"localisation gallery left out ({type(exc).__name__}: {exc})")}</p>')
     parts += [f'<p class="note">{_e(n)}</p>' for n in notes]
     parts.append("</body>\n</html>\n")
     return "\n".join(parts)

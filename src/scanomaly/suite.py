@@ -49,10 +49,35 @@ _RESULT_SETTINGS = ("data", "profile", "split_seed", "abnormal_fraction", "healt
 # flat metrics of one run: (key, where in result.json)
 RULES = ("balanced", "max_f1")
 _THRESHOLD_KEYS = ("threshold", "precision", "recall", "specificity", "f1", "accuracy")
+# localisation (runs on data with pixel masks) and anatomy / patient checks (localization.py):
+# (key, where in result.json)
+LOCALIZATION_KEYS = (
+    ("pixel_auroc", ("localization", "pixel_auroc")),
+    ("aupro", ("localization", "aupro")),
+    ("dice", ("localization", "dice")),
+    ("dice_global", ("localization", "dice_global")),
+    ("dice_threshold", ("localization", "dice_threshold")),
+    ("pixel_auroc_all", ("localization", "all_pixels", "pixel_auroc")),
+    ("aupro_all", ("localization", "all_pixels", "aupro")),
+    ("dice_all", ("localization", "all_pixels", "dice")),
+    ("slice_matched_auroc", ("slice_matched", "auroc")),
+    ("position_bins_auroc", ("slice_matched", "auroc_position_bins")),
+    ("slice_matched_n", ("slice_matched", "n")),
+    ("slice_matched_n_abnormal", ("slice_matched", "n_abnormal")),
+    ("position_only_auroc", ("slice_matched", "position_only_auroc")),
+    ("position_only_auroc_matched", ("slice_matched", "position_only_auroc_matched")),
+    ("patient_auroc_mean", ("patient_level", "auroc_mean")),
+    ("patient_auroc_max", ("patient_level", "auroc_max")),
+    ("patient_auroc_topk_mean", ("patient_level", "auroc_topk_mean")),
+    ("within_patient_slice_auroc", ("per_patient", "slice_auroc", "mean")),
+    ("within_patient_pixel_auroc", ("per_patient", "pixel_auroc", "mean")),
+    ("within_patient_dice", ("per_patient", "dice", "mean")),
+)
 METRIC_KEYS = (
     ("auroc", "auroc_ci_low", "auroc_ci_high", "auprc")
     + tuple(f"{rule}_{k}" for rule in RULES for k in _THRESHOLD_KEYS)
     + ("train_seconds", "scoring_images_per_second", "peak_rss_mib", "peak_gpu_mib")
+    + tuple(k for k, _ in LOCALIZATION_KEYS)
 )
 CSV_COLUMNS = ("method", "seed", "status", "dir") + METRIC_KEYS + ("error",)
 
@@ -73,6 +98,24 @@ TABLES = (
         ("Specificity", "max_f1_specificity", "max", 3),
         ("F1", "max_f1_f1", "max", 3),
         ("Accuracy", "max_f1_accuracy", "max", 3),
+    )),
+    ("Localisation (test pixels vs lesion masks; Dice threshold chosen on validation)", (
+        ("Pixel AUROC", "pixel_auroc", "max", 3),
+        ("AUPRO (FPR ≤ 0.3)", "aupro", "max", 3),
+        ("Dice", "dice", "max", 3),
+        ("Dice, pooled", "dice_global", "max", 3),
+        ("Pixel AUROC, all px", "pixel_auroc_all", "max", 3),
+        ("AUPRO, all px", "aupro_all", "max", 3),
+        ("Dice, all px", "dice_all", "max", 3),
+    )),
+    ("Anatomy and patients", (
+        ("AUROC, middle third of slice positions", "slice_matched_auroc", "max", 3),
+        ("AUROC, pairs in the same tenth of the volume", "position_bins_auroc", "max", 3),
+        ("Within-patient slice AUROC", "within_patient_slice_auroc", "max", 3),
+        ("Within-patient pixel AUROC", "within_patient_pixel_auroc", "max", 3),
+        ("Patient AUROC (mean)", "patient_auroc_mean", "max", 3),
+        ("Patient AUROC (max)", "patient_auroc_max", "max", 3),
+        ("Patient AUROC (top-3 mean)", "patient_auroc_topk_mean", "max", 3),
     )),
     ("Cost", (
         ("Train time (s)", "train_seconds", "min", 1),
@@ -250,6 +293,11 @@ def flat_metrics(result: dict) -> dict:
             out[f"{rule}_{k}"] = t.get(k)
     for k in ("train_seconds", "scoring_images_per_second", "peak_rss_mib", "peak_gpu_mib"):
         out[k] = result.get(k)
+    for k, where in LOCALIZATION_KEYS:
+        v = result
+        for part in where:
+            v = v.get(part) if isinstance(v, dict) else None
+        out[k] = v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
 
 
@@ -379,6 +427,9 @@ def results_markdown(results: dict) -> str:
         lines += ["Mean ± standard deviation over seeds (no ± with one seed); best per column in bold. "
                   "AUROC 95% CI: stratified bootstrap interval on the test set (bounds averaged over seeds). "
                   "Thresholds are chosen on the validation split, never on test.", ""]
+    from .localization import notes_for_results
+
+    lines += [note + "\n" for note in notes_for_results(results)]
     failed = failures(results)
     if failed:
         lines += ["## Failed", ""]

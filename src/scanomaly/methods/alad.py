@@ -46,9 +46,10 @@ import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
 from ..detector import ReconstructionDetector, anomaly_map, load_module_state, module_state, as_tensor, register
+from ..distributed import per_sample_randn
 from ..errors import ScanomalyError
 from ..nn.blocks import dcgan_decoder, dcgan_encoder, num_halvings
-from ..training.loop import GANTask, GANTrainer, LoopSettings, Phase, autocast_context
+from ..training.loop import GANTask, GANTrainer, LoopSettings, Phase
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,6 +188,22 @@ def feature_matching_score(feats_real: torch.Tensor, feats_rec: torch.Tensor) ->
     return (feats_real - feats_rec).abs().flatten(1).sum(1)
 
 
+class FeatureMatchingScorer(nn.Module):
+    """Scoring as one forward pass: x -> (G(E(x)), feature-matching score). What the detector
+    scores with, and what `scanomaly export` writes to ONNX."""
+
+    def __init__(self, encoder: Encoder, generator: Generator, d_xx: ImageCycleDiscriminator):
+        super().__init__()
+        self.encoder, self.generator, self.d_xx = encoder, generator, d_xx
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x_rec = self.generator(self.encoder(x))
+        _, f_real = self.d_xx(x, x)
+        _, f_rec = self.d_xx(x, x_rec)
+        # float: under bf16 autocast the score is still computed in float32
+        return x_rec.float(), feature_matching_score(f_real.float(), f_rec.float())
+
+
 
 # ---------------------------------------------------------------------------------------------
 # training task: what the generic GAN loop runs
@@ -221,7 +238,7 @@ class ALADTask(GANTask):
         ]
 
     def _logits(self, x: torch.Tensor, with_grad: bool) -> dict[str, torch.Tensor]:
-        z = torch.randn(len(x), self.cfg.latent, device=x.device)
+        z = per_sample_randn(len(x), self.cfg.latent, device=x.device)
         with torch.set_grad_enabled(with_grad):
             z_enc, x_gen = self.encoder(x), self.generator(z)
             x_rec, z_rec = self.generator(z_enc), self.encoder(x_gen)
@@ -290,6 +307,7 @@ class ALADConfig:
 @register
 class ALAD(ReconstructionDetector):
     name = "alad"
+    distributed_training = True
     Config = ALADConfig
     profiles = {
         # the official CIFAR-10 setting: 32 px, 3 channels
@@ -366,18 +384,8 @@ class ALAD(ReconstructionDetector):
         return self
 
     # -- score -------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(G(E(x)), feature-matching score) with the scoring networks in eval mode."""
-        enc, gen, d_xx = (self.scoring[k].eval() for k in ("encoder", "generator", "d_xx"))
-        with autocast_context(self.device, self.precision):
-            x_rec = gen(enc(x))
-            _, f_real = d_xx(x, x)
-            _, f_rec = d_xx(x, x_rec)
-        return x_rec.float(), feature_matching_score(f_real.float(), f_rec.float())
-
-    def _reconstruct_and_score(self, x):
-        return self._forward(x)
+    def scoring_network(self) -> FeatureMatchingScorer:
+        return FeatureMatchingScorer(self.scoring["encoder"], self.scoring["generator"], self.scoring["d_xx"])
 
     # -- persistence: E, G and D_xx score; D_xz and D_zz are only needed to train ---------------
     def state_tensors(self):

@@ -44,9 +44,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..detector import ReconstructionDetector, anomaly_map, load_module_state, module_state, as_tensor, register
+from ..distributed import per_sample_randn
 from ..errors import ScanomalyError
 from ..nn.blocks import dcgan_init
-from ..training.loop import GANTask, GANTrainer, LoopSettings, Phase, autocast_context
+from ..training.loop import GANTask, GANTrainer, LoopSettings, Phase
 
 SCORE_MODES = ("reconstructed", "input")
 
@@ -108,7 +109,7 @@ class Discriminator(nn.Module):
 # ---------------------------------------------------------------------------------------------
 def add_noise(x: torch.Tensor, noise_std01: float) -> torch.Tensor:
     """X̃ = X + η, η ~ N(0, σ²); σ is given in [0, 1] units, our images span [-1, 1]: 2σ here."""
-    return x + (2.0 * noise_std01) * torch.randn_like(x)
+    return x + (2.0 * noise_std01) * per_sample_randn(len(x), *x.shape[1:], device=x.device, dtype=x.dtype)
 
 
 def discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
@@ -131,6 +132,20 @@ def reconstruction_loss(x: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:
 def one_minus_d(logits: torch.Tensor) -> torch.Tensor:
     """1 − D = 1 − sigmoid(logit) = sigmoid(−logit), in float64 (no ties where D saturates)."""
     return torch.sigmoid(-logits.double())
+
+
+class DiscriminatorScorer(nn.Module):
+    """Scoring as one forward pass: x -> (R(x), 1 − D(R(x)) or 1 − D(x)). What the detector scores
+    with, and what `scanomaly export` writes to ONNX."""
+
+    def __init__(self, reconstructor: Reconstructor, discriminator: Discriminator, score_mode: str):
+        super().__init__()
+        self.reconstructor, self.discriminator, self.score_mode = reconstructor, discriminator, score_mode
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x_rec = self.reconstructor(x)
+        logits = self.discriminator(x_rec if self.score_mode == "reconstructed" else x)
+        return x_rec.float(), one_minus_d(logits.float())
 
 
 
@@ -211,6 +226,7 @@ class ALOCCConfig:
 @register
 class ALOCC(ReconstructionDetector):
     name = "alocc"
+    distributed_training = True
     Config = ALOCCConfig
     profiles = {
         # the code's widths and batch; 32 px grayscale, the power of two nearest its 28 px MNIST
@@ -274,17 +290,8 @@ class ALOCC(ReconstructionDetector):
         return self
 
     # -- score -------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(R(x), anomaly score) with the scoring networks in eval mode."""
-        r, d = self.scoring["reconstructor"].eval(), self.scoring["discriminator"].eval()
-        with autocast_context(self.device, self.precision):
-            x_rec = r(x)
-            logits = d(x_rec if self.config.score_mode == "reconstructed" else x)
-        return x_rec.float(), one_minus_d(logits.float())
-
-    def _reconstruct_and_score(self, x):
-        return self._forward(x)
+    def scoring_network(self) -> DiscriminatorScorer:
+        return DiscriminatorScorer(self.scoring["reconstructor"], self.scoring["discriminator"], self.config.score_mode)
 
     # -- persistence: both networks score ------------------------------------------------------
     def state_tensors(self):

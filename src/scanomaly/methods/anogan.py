@@ -44,7 +44,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..detector import ReconstructionDetector, anomaly_map, load_module_state, module_state, as_tensor, register
+from ..detector import ReconstructionDetector, load_module_state, module_state, as_tensor, register
+from ..distributed import per_sample_rand
 from ..errors import ScanomalyError
 from ..nn.blocks import dcgan_decoder, dcgan_encoder, dcgan_init
 from ..training.loop import GANTask, GANTrainer, LoopSettings, Phase
@@ -89,8 +90,11 @@ class Discriminator(nn.Module):
 
 
 def sample_latent(n: int, dim: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """z ~ U[−1, 1]^dim, the paper's prior."""
-    return torch.rand(n, dim, generator=generator, device=device) * 2 - 1
+    """z ~ U[−1, 1]^dim, the paper's prior (a seeded generator for fixed samples; else drawn so that
+    distributed ranks draw what one process would, see `scanomaly.distributed`)."""
+    if generator is not None:
+        return torch.rand(n, dim, generator=generator, device=device) * 2 - 1
+    return per_sample_rand(n, dim, device=device) * 2 - 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,6 +296,11 @@ class AnoGANConfig:
 @register
 class AnoGAN(ReconstructionDetector):
     name = "anogan"
+    not_exportable_because = (
+        "its score searches the latent space for each image (Γ steps of gradient descent on z), which is "
+        "not one forward pass; f-AnoGAN (fanogan) replaces the search with an encoder and exports"
+    )
+    distributed_training = True
     Config = AnoGANConfig
     profiles = {
         # the paper: 64 x 64 grayscale, DCGAN width 64, Γ = 500, λ = 0.1 (GPU); 100k iterations is

@@ -43,9 +43,10 @@ import torch.nn as nn
 
 from ..detector import ReconstructionDetector, anomaly_map, load_module_state, module_state, as_tensor, register
 from ..errors import ScanomalyError
+from ..distributed import per_sample_randn
 from ..nn.blocks import gradient_penalty
 from ..nn.wgan_resnet import ResNetCritic, ResNetGenerator
-from ..training.loop import GANTask, GANTrainer, LoopSettings, Phase, autocast_context
+from ..training.loop import GANTask, GANTrainer, LoopSettings, Phase
 
 CHANNELS_LAST = torch.channels_last  # ~25% faster convolutions on the CPU (measured), neutral elsewhere
 
@@ -61,8 +62,11 @@ def build_networks(cfg: "FAnoGANConfig", channels: int, image_size: int) -> tupl
 
 
 def sample_latent(n: int, dim: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """z ~ N(0, I), the paper's prior."""
-    return torch.randn(n, dim, generator=generator, device=device)
+    """z ~ N(0, I), the paper's prior (a seeded generator for fixed samples; else drawn so that
+    distributed ranks draw what one process would, see `scanomaly.distributed`)."""
+    if generator is not None:
+        return torch.randn(n, dim, generator=generator, device=device)
+    return per_sample_randn(n, dim, device=device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,6 +89,21 @@ def izif_loss(x, reconstruction, features_x, features_reconstruction, kappa: flo
     features = (features_x - features_reconstruction).pow(2).flatten(1).mean(1)
     return residual + kappa * features
 
+
+class IzifScorer(nn.Module):
+    """Scoring as one forward pass: x -> (G(E(x)), A(x)), A the izi_f loss per image. What the
+    detector scores with, and what `scanomaly export` writes to ONNX."""
+
+    def __init__(self, encoder: ResNetCritic, generator: ResNetGenerator, critic: ResNetCritic, kappa: float):
+        super().__init__()
+        self.encoder, self.generator, self.critic, self.kappa = encoder, generator, critic, kappa
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        reconstruction = self.generator(self.encoder(x))
+        fx, fr = self.critic.features(x), self.critic.features(reconstruction)
+        # float: under bf16 autocast the score is still computed in float32
+        reconstruction = reconstruction.float()
+        return reconstruction, izif_loss(x, reconstruction, fx.float(), fr.float(), self.kappa)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +214,7 @@ class FAnoGANConfig:
 @register
 class FAnoGAN(ReconstructionDetector):
     name = "fanogan"
+    distributed_training = True
     Config = FAnoGANConfig
     profiles = {
         # the paper: 64 x 64 grayscale, d = 64, 100k generator steps, 50k encoder steps (GPU)
@@ -285,18 +305,8 @@ class FAnoGAN(ReconstructionDetector):
             m.eval().requires_grad_(False)
 
     # -- score: one forward pass ------------------------------------------------------------------
-    @torch.no_grad()
-    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A(x) [N], G(E(x)) [N, C, S, S]) for one batch."""
-        self._eval()
-        with autocast_context(self.device, self.precision):
-            reconstruction = self.generator(self.encoder(x))
-            fx, fr = self.critic.features(x), self.critic.features(reconstruction)
-        return izif_loss(x, reconstruction.float(), fx.float(), fr.float(), self.config.kappa), reconstruction.float()
-
-    def _reconstruct_and_score(self, x):
-        scores, reconstruction = self._forward(x)
-        return reconstruction, scores
+    def scoring_network(self) -> IzifScorer:
+        return IzifScorer(self.encoder, self.generator, self.critic, self.config.kappa)
 
     # -- persistence: all three networks score (E and G reconstruct, D gives f) --------------------
     def _networks(self) -> dict[str, nn.Module]:

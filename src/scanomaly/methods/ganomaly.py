@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from ..detector import ReconstructionDetector, anomaly_map, load_module_state, module_state, as_tensor, register
 from ..errors import ScanomalyError
 from ..nn.blocks import dcgan_decoder, dcgan_encoder, dcgan_init, num_halvings
-from ..training.loop import GANTask, GANTrainer, LoopSettings, Phase, autocast_context
+from ..training.loop import GANTask, GANTrainer, LoopSettings, Phase
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,6 +110,20 @@ def discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> 
 def latent_score(z: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
     """A(x) = mean over latent dimensions of (z − ẑ)²: [N]."""
     return ((z - z_hat) ** 2).mean(1)
+
+
+class LatentScorer(nn.Module):
+    """Scoring as one forward pass: x -> (x̂, A(x)). What the detector scores with, and what
+    `scanomaly export` writes to ONNX."""
+
+    def __init__(self, generator: "Generator"):
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x_hat, z, z_hat = self.generator(x)
+        # float: under bf16 autocast the score is still computed in float32
+        return x_hat.float(), latent_score(z.float(), z_hat.float())
 
 
 
@@ -212,6 +226,7 @@ class GANomalyConfig:
 @register
 class GANomaly(ReconstructionDetector):
     name = "ganomaly"
+    distributed_training = True
     Config = GANomalyConfig
     profiles = {
         # the official defaults: 32 px, 3 channels (CIFAR-10), width 64, latent 100, batch 64
@@ -275,17 +290,8 @@ class GANomaly(ReconstructionDetector):
         return self
 
     # -- score -------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        self.scoring_generator.eval()
-        with autocast_context(self.device, self.precision):
-            x_hat, z, z_hat = self.scoring_generator(x.to(self.device))
-        return x_hat.float(), z.float(), z_hat.float()
-
-    @torch.no_grad()
-    def _reconstruct_and_score(self, x):
-        x_hat, z, z_hat = self._forward(x)
-        return x_hat, latent_score(z, z_hat)
+    def scoring_network(self) -> LatentScorer:
+        return LatentScorer(self.scoring_generator)
 
     # -- persistence: the generator is the model; the discriminator is only needed to train ----
     def state_tensors(self):

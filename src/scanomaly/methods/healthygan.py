@@ -27,11 +27,10 @@ import torch
 import torch.nn as nn
 from sklearn.metrics import roc_auc_score
 
-from ..data import ImageSet
 from ..detector import ReconstructionDetector, anomaly_map, as_tensor, register
 from ..errors import ScanomalyError
 from ..nn.blocks import ResidualBlock, gradient_penalty, num_halvings
-from ..training.loop import GANTask, GANTrainer, LoopSettings, Phase, autocast_context
+from ..training.loop import GANTask, GANTrainer, LoopSettings, Phase
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,6 +120,19 @@ def paper_score(x: torch.Tensor, healthy: torch.Tensor) -> torch.Tensor:
     return anomaly_map(x, healthy).flatten(1).mean(1) / 2
 
 
+class HealthyScorer(nn.Module):
+    """Scoring as one forward pass: x -> (healthy(x), paper score). What the detector scores with
+    (and AUCp during training), and what `scanomaly export` writes to ONNX."""
+
+    def __init__(self, generator: MaskedTranslator):
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        healthy = self.generator(x)[0].float()  # float: under bf16 autocast the score is still float32
+        return healthy, paper_score(x, healthy)
+
+
 # ---------------------------------------------------------------------------------------------
 # training task: what the generic GAN loop runs
 # ---------------------------------------------------------------------------------------------
@@ -208,6 +220,7 @@ class HealthyGANConfig:
 @register
 class HealthyGAN(ReconstructionDetector):
     name = "healthygan"
+    distributed_training = True
     Config = HealthyGANConfig
     needs_unlabeled = True
     profiles = {
@@ -313,24 +326,13 @@ class HealthyGAN(ReconstructionDetector):
         return float(roc_auc_score(y, np.r_[s0, s1]))
 
     # -- score ----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _translate(self, generator, x: torch.Tensor) -> torch.Tensor:
-        with autocast_context(self.device, self.precision):
-            healthy = generator(x.to(self.device))[0]
-        return healthy.float()
-
     def _scores_with(self, generator, images, batch_size=64) -> np.ndarray:
-        out = []
-        for i in range(0, len(images), batch_size):
-            x = images[i : i + batch_size].to(self.device)
-            out.append(paper_score(x, self._translate(generator, x)).cpu())
+        scorer = HealthyScorer(generator)
+        out = [self._run_scoring(scorer, images[i : i + batch_size])[1].cpu() for i in range(0, len(images), batch_size)]
         return torch.cat(out).numpy()
 
-    @torch.no_grad()
-    def _reconstruct_and_score(self, x):
-        self.scoring_generator.eval()
-        healthy = self._translate(self.scoring_generator, x)
-        return healthy, paper_score(x, healthy)
+    def scoring_network(self) -> HealthyScorer:
+        return HealthyScorer(self.scoring_generator)
 
     # -- persistence: the scoring generator is the model; the critic is only needed to train ----
     def state_tensors(self):

@@ -96,6 +96,10 @@ def mahalanobis(emb: torch.Tensor, mean: torch.Tensor, inv_chol: torch.Tensor) -
 @register
 class Padim(Detector):
     name = "padim"
+    not_exportable_because = (
+        "its score compares backbone features with per-position Gaussians fitted on healthy images "
+        "(a memory of statistics, not one trained network); score it with PyTorch"
+    )
     Config = PadimConfig
     profiles = {
         "cpu": {

@@ -207,6 +207,10 @@ def reweighted_image_score(
 @register
 class Patchcore(Detector):
     name = "patchcore"
+    not_exportable_because = (
+        "its score is a nearest-neighbour search in a memory bank of healthy patch features, "
+        "not one trained network; score it with PyTorch"
+    )
     Config = PatchcoreConfig
     profiles = {
         "cpu": {

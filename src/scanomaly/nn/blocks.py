@@ -15,6 +15,8 @@ import math
 import torch
 import torch.nn as nn
 
+from ..distributed import per_sample_rand
+
 
 class ResidualBlock(nn.Module):
     def __init__(self, channels: int, norm=nn.InstanceNorm2d):
@@ -111,7 +113,7 @@ def gradient_penalty(critic, real: torch.Tensor, fake: torch.Tensor) -> torch.Te
     """
     device_type = real.device.type
     with torch.autocast(device_type=device_type, enabled=False):
-        alpha = torch.rand(real.size(0), 1, 1, 1, device=real.device)
+        alpha = per_sample_rand(real.size(0), 1, 1, 1, device=real.device)  # distributed-safe torch.rand
         x_hat = (alpha * real.float() + (1 - alpha) * fake.detach().float()).requires_grad_(True)
         out = critic(x_hat)
         (grad,) = torch.autograd.grad(out.sum(), x_hat, create_graph=True)

@@ -86,7 +86,8 @@ class ResNetGenerator(nn.Module):
         self.head = nn.Sequential(nn.BatchNorm2d(w[-1]), nn.ReLU(), nn.Conv2d(w[-1], channels, 3, 1, 1), nn.Tanh())
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.input(z).view(len(z), -1, 4, 4)
+        # unflatten, not view(len(z), ...): a traced len() would fix the batch size of an ONNX export
+        h = self.input(z).unflatten(1, (-1, 4, 4))
         return self.head(self.blocks(h))
 
 

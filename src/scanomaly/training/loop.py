@@ -6,6 +6,9 @@ n_critic is a critic phase every iteration and a generator phase every 2nd or 5t
 does everything else, once for all methods:
 
 - batches from in-memory tensors, reshuffled each epoch by a seeded generator, optional flips;
+- data-parallel training on several processes (torchrun; see `scanomaly.distributed`): each phase's
+  networks are wrapped in DistributedDataParallel, each rank trains on its slice of the global batch,
+  rank 0 writes checkpoints, logs and samples, every rank resumes from the same checkpoint;
 - mixed precision (bf16 autocast; fp16 with a GradScaler on CUDA);
 - a learning rate that decays linearly to 0 over the last part of training;
 - an exponential moving average of chosen modules (used for scoring);
@@ -22,7 +25,6 @@ from __future__ import annotations
 import abc
 import contextlib
 import csv
-import math
 import os
 import random
 import time
@@ -36,6 +38,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..errors import ScanomalyError, TrainingDiverged
 from ..nn.blocks import EMA
 
@@ -55,7 +58,7 @@ class Phase:
 @dataclass
 class LoopSettings:
     iterations: int
-    batch_size: int = 16
+    batch_size: int = 16  # the global batch: split evenly over the processes of a distributed run
     seed: int = 0
     lr_decay_fraction: float = 0.25  # decay linearly to 0 over this last fraction of iterations
     ema_decay: float = 0.999
@@ -108,13 +111,20 @@ class BatchStream:
 
     Its whole state is (epoch, position) per set plus one generator state, so it can be saved in a
     checkpoint and resumed to give exactly the same batches.
+
+    In a distributed run every rank draws the same global batch (same seed, same draws) and keeps
+    its own contiguous slice: the sharding DistributedSampler does, at batch rather than epoch
+    granularity, so that a run can resume in the middle of an epoch.
     """
 
-    def __init__(self, sets: dict[str, torch.Tensor], batch_size: int, seed: int, hflip: bool):
+    def __init__(self, sets: dict[str, torch.Tensor], batch_size: int, seed: int, hflip: bool,
+                 world: distributed.World = distributed.World(), pin_memory: bool = False):
         for name, t in sets.items():
             if len(t) == 0:
                 raise ScanomalyError(f"training set {name!r} has no images")
         self.sets, self.batch_size, self.hflip = sets, batch_size, hflip
+        self.shard = world.shard(batch_size)
+        self.pin_memory = pin_memory  # page-locked batches copy to a GPU asynchronously
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch = {k: 0 for k in sets}
         self.pos = {k: 0 for k in sets}
@@ -132,11 +142,11 @@ class BatchStream:
                 take = min(self.batch_size - len(idx), len(data) - self.pos[name])
                 idx.extend(self.perm[name][self.pos[name] : self.pos[name] + take].tolist())
                 self.pos[name] += take
-            x = data[idx]
-            if self.hflip:
-                flip = torch.rand(len(idx), generator=self.generator) < 0.5
+            x = data[idx[self.shard]]
+            if self.hflip:  # drawn for the global batch on every rank, so the generators stay equal
+                flip = (torch.rand(len(idx), generator=self.generator) < 0.5)[self.shard]
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            batch[name] = x
+            batch[name] = x.pin_memory() if self.pin_memory else x
         return batch
 
     def state_dict(self) -> dict:
@@ -229,7 +239,10 @@ class GANTrainer:
         self.progress = progress
         self.evaluate = evaluate  # label-free checkpoint score, higher is better (AUCp)
         self.sample_batch = sample_batch
-        self.stream = BatchStream(sets, settings.batch_size, settings.seed, settings.hflip)
+        self.world = distributed.world()
+        self.stream = BatchStream(sets, settings.batch_size, settings.seed, settings.hflip, self.world,
+                                  pin_memory=self.device.type == "cuda")
+        self._ddp: dict[str, nn.Module] = {}  # phase name -> its DistributedDataParallel wrapper
         # ema_decay 0: score with the raw networks
         ema_names = task.ema_modules if settings.ema_decay > 0 else ()
         self.ema = {name: EMA(task.modules()[name], settings.ema_decay) for name in ema_names}
@@ -251,6 +264,11 @@ class GANTrainer:
     # -- checkpointing ---------------------------------------------------------------------------
     def _checkpoint_path(self) -> Path | None:
         return None if self.work_dir is None else self.work_dir / CHECKPOINT
+
+    @property
+    def _writes(self) -> bool:
+        """Whether this process writes files (rank 0 of a distributed run; the only process otherwise)."""
+        return self.work_dir is not None and self.world.is_main
 
     def state_dict(self) -> dict:
         return {
@@ -291,15 +309,15 @@ class GANTrainer:
         self.history = list(state["history"])
 
     def save_checkpoint(self) -> None:
-        path = self._checkpoint_path()
-        if path is None:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_torch_save(self.state_dict(), path)
-        if self.settings.keep_snapshots:
-            snap_dir = self.work_dir / "snapshots"
-            snap_dir.mkdir(exist_ok=True)
-            _atomic_safetensors(flat_state(self.scoring_modules()), snap_dir / f"step_{self.step:07d}.safetensors")
+        if self._writes:  # the ranks hold identical states: one copy is enough
+            path = self._checkpoint_path()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_torch_save(self.state_dict(), path)
+            if self.settings.keep_snapshots:
+                snap_dir = self.work_dir / "snapshots"
+                snap_dir.mkdir(exist_ok=True)
+                _atomic_safetensors(flat_state(self.scoring_modules()), snap_dir / f"step_{self.step:07d}.safetensors")
+        distributed.barrier()  # nobody runs ahead of a checkpoint it might have to resume from
 
     def try_resume(self) -> bool:
         path = self._checkpoint_path()
@@ -330,6 +348,21 @@ class GANTrainer:
                 group["lr"] = group["initial_lr"] * factor
         return factor
 
+    def _phase_loss(self, phase: Phase, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        if not self.world.distributed:
+            return self.task.loss(phase.name, batch)
+        if phase.name not in self._ddp:
+            # built once the phase's modules are the ones requiring grad: DDP syncs exactly those
+            wrapper = _PhaseLoss(self.task, phase, self.task.modules())
+            self._ddp[phase.name] = nn.parallel.DistributedDataParallel(
+                wrapper,
+                device_ids=[self.device.index if self.device.index is not None else torch.cuda.current_device()]
+                if self.device.type == "cuda" else None,
+                # a loss need not touch every parameter of its networks (e.g. a head used only at scoring)
+                find_unused_parameters=False,
+            )
+        return self._ddp[phase.name](batch)
+
     def _run_phase(self, phase: Phase, batch) -> dict[str, float]:
         modules, optimizer = self.task.modules(), self.task.optimizers()[phase.optimizer]
         trained = set(phase.modules)
@@ -337,8 +370,18 @@ class GANTrainer:
             m.requires_grad_(name in trained)
         optimizer.zero_grad(set_to_none=True)
         with autocast_context(self.device, self.settings.precision):
-            loss, logs = self.task.loss(phase.name, batch)
-        if not torch.isfinite(loss):
+            loss, logs = self._phase_loss(phase, batch)
+        if self.world.distributed:
+            # logs (and the NaN check) as means over ranks: every rank takes the same decisions
+            # (stop on NaN, GANomaly's discriminator re-initialisation) or a rank would hang
+            keys = list(logs)
+            means = distributed.all_mean(torch.tensor([float(loss.detach()), *(float(logs[k]) for k in keys)], dtype=torch.float64,
+                                                      device=self.device if self.device.type == "cuda" else "cpu"))
+            finite = bool(torch.isfinite(means[0]))
+            logs = {k: float(v) for k, v in zip(keys, means[1:].tolist())}
+        else:
+            finite = bool(torch.isfinite(loss))
+        if not finite:
             raise _NonFinite(phase.name, logs)
         self.scaler.scale(loss).backward()
         self.scaler.step(optimizer)
@@ -354,14 +397,16 @@ class GANTrainer:
         torch.set_flush_denormal(True)  # denormals make CPU training ~10x slower (see detector.flush_denormals)
         seed_everything(s.seed)
         resumed = self.try_resume()
-        log_path = None if self.work_dir is None else self.work_dir / "losses.csv"
+        log_path = self.work_dir / "losses.csv" if self._writes else None
         if log_path is not None:
             self.work_dir.mkdir(parents=True, exist_ok=True)
             _truncate_log(log_path, self.step)
         start_step, t0 = self.step, time.perf_counter()
         window: dict[str, list[float]] = {}
         bar = tqdm(
-            total=s.iterations, initial=self.step, disable=not self.progress, desc="training", dynamic_ncols=True
+            total=s.iterations, initial=self.step, disable=not (self.progress and self.world.is_main),
+            desc="training" if not self.world.distributed else f"training ({self.world.size} processes)",
+            dynamic_ncols=True,
         )
         if resumed:
             bar.write(f"resumed from {self._checkpoint_path()} at iteration {self.step}")
@@ -383,11 +428,12 @@ class GANTrainer:
                     if log_path is not None:
                         elapsed = time.perf_counter() - t0
                         _append_log(log_path, {"step": self.step, "seconds": round(elapsed, 1), "lr_factor": lr, **means})
-                if self.sample_batch is not None and self.work_dir is not None and (
+                if self.sample_batch is not None and self._writes and (
                     self.step % s.sample_every == 0 or self.step == s.iterations
                 ):
                     self._write_samples()
                 if self.step % s.checkpoint_every == 0 or self.step == s.iterations:
+                    self._sync_buffers()
                     self._evaluate_checkpoint(bar)
                     self.save_checkpoint()
                 bar.update(1)
@@ -412,22 +458,42 @@ class GANTrainer:
             history=self.history,
         )
 
+    def _sync_buffers(self) -> None:
+        """Average BatchNorm running statistics (all float buffers) over the ranks.
+
+        DDP syncs gradients, not buffers updated in forward passes outside it, so each rank's running
+        statistics drift from its own batches. Averaging them at every checkpoint gives every rank,
+        the checkpoint and the saved model one estimate over the global batches.
+        """
+        if not self.world.distributed:
+            return
+        modules = [*self.task.modules().values(), *(e.module for e in self.ema.values())]
+        for module in modules:
+            for buf in module.buffers():
+                if buf.is_floating_point():
+                    buf.copy_(distributed.all_mean(buf))
+
     def _evaluate_checkpoint(self, bar) -> None:
         if self.evaluate is None:
             return
         mods = self.scoring_modules()
-        for m in mods.values():
-            m.eval()
-        with torch.no_grad():
-            metric = float(self.evaluate(mods))
-        for m in self.task.modules().values():
-            m.train()
+        metric = None
+        if self.world.is_main:  # one rank evaluates; the others get its number
+            for m in mods.values():
+                m.eval()
+            # an evaluation must not move the training RNG (ranks must keep drawing alike)
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                metric = float(self.evaluate(mods))
+            for m in self.task.modules().values():
+                m.train()
+        metric = distributed.broadcast_object(metric)
         self.history.append({"step": self.step, "metric": metric})
         if self.best_metric is None or metric > self.best_metric:
             self.best_metric, self.best_step = metric, self.step
-            if self.work_dir is not None:
+            if self._writes:
                 _atomic_safetensors(flat_state(mods), self.work_dir / "best.safetensors")
-        if self.progress:
+        distributed.barrier()  # best.safetensors is complete before any rank may read it
+        if self.progress and self.world.is_main:
             bar.write(f"iteration {self.step}: checkpoint metric {metric:.4f} (best {self.best_metric:.4f} at {self.best_step})")
 
     def _write_samples(self) -> None:
@@ -437,7 +503,7 @@ class GANTrainer:
         # running statistics from the 8-image sample batch
         for m in [*self.scoring_modules().values(), *self.task.modules().values()]:
             m.eval()
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # rank 0 only: must not move the RNG
             rows = self.task.sample_rows({k: v.to(self.device) for k, v in self.sample_batch.items()})
         for m in self.task.modules().values():
             m.train()
@@ -445,6 +511,21 @@ class GANTrainer:
             out = self.work_dir / "samples"
             out.mkdir(exist_ok=True)
             save_sample_grid(out / f"step_{self.step:07d}.png", rows)
+
+
+class _PhaseLoss(nn.Module):
+    """One phase's loss as a module holding the networks that phase trains, so that
+    DistributedDataParallel can wrap it: DDP then averages exactly those networks' gradients over
+    the ranks, after whatever the loss does inside (several forward passes, the gradient penalty's
+    double backward), with no change to the methods' code."""
+
+    def __init__(self, task: GANTask, phase: Phase, modules: dict[str, nn.Module]):
+        super().__init__()
+        self.trained = nn.ModuleDict({name: modules[name] for name in phase.modules})
+        self._task, self._phase = task, phase.name  # plain attributes: not registered as submodules
+
+    def forward(self, batch):
+        return self._task.loss(self._phase, batch)
 
 
 class _NonFinite(Exception):
