@@ -62,20 +62,14 @@ def write_manifest(data: Path, n: int, path: Path) -> Path:
 # one mode, in its own process
 # ------------------------------------------------------------------------------------------
 def make_scorer(mode: str, model_dir: Path, onnx_path: Path):
-    import torch
-
-    from scanomaly.detector import Detector, ensure_cpu_bf16
+    from scanomaly.detector import Detector
     from scanomaly.export import OnnxScorer
 
     if mode == "onnxruntime":
         return OnnxScorer(onnx_path)
-    det = Detector.load(model_dir, device="cpu")
-    if mode == "torch-bf16-compile":
-        ensure_cpu_bf16()  # caps oneDNN where the CPU's AMX units crash (see detector.py)
-        det.precision = "bf16"  # a loaded model is float32; its score path reads this for autocast
-        compiled = torch.compile(det.scoring_network())
-        det.scoring_network = lambda: compiled  # the detector now scores through the compiled network
-    return det
+    if mode == "torch-bf16-compile":  # what `scanomaly score --precision bf16 --compile` does
+        return Detector.load(model_dir, device="cpu", precision="bf16").compile()
+    return Detector.load(model_dir, device="cpu")
 
 
 def run_mode(args) -> None:

@@ -164,3 +164,21 @@ def test_cli_export_of_a_search_method_is_a_clear_error(tmp_path, capsys):
     code, out, err = run(capsys, "export", tmp_path / "model", "--format", "onnx")
     assert code == 2 and err.startswith("error: anogan cannot be exported to ONNX") and "fanogan" in err
     assert not (tmp_path / "model" / "model.onnx").exists()
+
+
+def test_compiled_scoring_equals_eager_scoring(chest, tmp_path):
+    det = fitted("healthygan", chest)
+    test = chest(det.preprocessing, "test")
+    eager_scores, eager_maps = det.score(test, batch_size=8)
+    det.save(tmp_path / "model")
+    compiled = get_method("healthygan").load(tmp_path / "model").compile()
+    scores, maps = compiled.score(test, batch_size=8)
+    assert compiled._compiled_network is not None
+    np.testing.assert_allclose(scores, eager_scores, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(maps, eager_maps, atol=1e-4)
+
+
+def test_compile_of_a_search_method_says_why_not(chest):
+    det = get_method("anogan").from_profile("tiny")
+    with pytest.raises(ScanomalyError, match="cannot be compiled"):
+        det.compile()

@@ -487,7 +487,12 @@ def _load_scorer(args):
         return OnnxScorer(find_onnx(run))
     from .detector import Detector
 
-    return Detector.load(_model_dir(run), device=args.device)
+    det = Detector.load(_model_dir(run), device=args.device, precision=args.precision)
+    if args.compile:
+        if not hasattr(det, "compile"):
+            raise ScanomalyError(f"{det.name} cannot be compiled: its score is not one forward pass of a network")
+        det.compile()
+    return det
 
 
 def _records_to_score(args) -> list[ImageRecord]:
@@ -694,6 +699,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
                    help="onnx: ONNX Runtime on the model folder's model.onnx (see `export`), or give a .onnx file as RUN")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (--runtime torch)")
+    p.add_argument("--precision", default="32", choices=("32", "bf16", "16-mixed"),
+                   help="autocast while scoring (--runtime torch): bf16 on recent GPUs and AMX CPUs, 16-mixed on CUDA")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the scoring network (--runtime torch; one-pass methods); pays off on long runs")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_score)
 

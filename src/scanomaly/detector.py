@@ -173,7 +173,8 @@ class Detector(abc.ABC):
         return directory
 
     @staticmethod
-    def load(directory, device: str = "cpu") -> "Detector":
+    def load(directory, device: str = "cpu", precision: str = "32") -> "Detector":
+        """A saved model, to score on `device` at `precision` (its weights are float32 whatever it trained with)."""
         directory = Path(directory)
         meta_path, weights_path = directory / MODEL_CONFIG, directory / MODEL_WEIGHTS
         if not meta_path.is_file() or not weights_path.is_file():
@@ -183,7 +184,8 @@ class Detector(abc.ABC):
         except json.JSONDecodeError as exc:
             raise ScanomalyError(f"{meta_path}: corrupt model config ({exc})") from None
         cls = get_method(meta["method"])
-        det = cls(config_from_dict(cls.Config, meta["config"]), Preprocessing.from_dict(meta["preprocessing"]), device=device)
+        det = cls(config_from_dict(cls.Config, meta["config"]), Preprocessing.from_dict(meta["preprocessing"]),
+                  device=device, precision=precision)
         det.load_state_tensors(load_file(str(weights_path)))
         det.load_extra_state(meta.get("extra", {}))
         return det
@@ -262,9 +264,22 @@ class ReconstructionDetector(Detector):
     written once, here.
     """
 
+    _compiled_network: torch.nn.Module | None = None
+
+    def compile(self) -> "ReconstructionDetector":
+        """Score through `torch.compile` of the scoring network from now on. The first batch of each
+        size pays for compilation; worth it for long scoring jobs (BENCHMARKS.md, scoring throughput)."""
+        try:
+            network = self.scoring_network()
+        except ScanomalyError:
+            raise ScanomalyError(f"{self.name} cannot be compiled: {self.not_exportable_because}") from None
+        self._compiled_network = torch.compile(network)
+        return self
+
     def _reconstruct_and_score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """([N, C, S, S] reconstruction, [N] scores) of a batch."""
-        return self._run_scoring(self.scoring_network(), x)
+        network = self._compiled_network if self._compiled_network is not None else self.scoring_network()
+        return self._run_scoring(network, x)
 
     def _run_scoring(self, network: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A scoring network on a batch: eval mode, no gradients, the detector's precision."""
