@@ -50,3 +50,15 @@ def test_bf16_probe_leaves_working_cpus_alone(monkeypatch):
     import os
 
     assert "ONEDNN_MAX_CPU_ISA" not in os.environ
+
+
+def test_float16_precision_on_cpu_is_refused_with_a_clear_message(capsys, tmp_path):
+    from scanomaly import get_method
+    from scanomaly.cli import main
+    from scanomaly.errors import ScanomalyError
+
+    with pytest.raises(ScanomalyError, match="16-mixed needs a CUDA device"):
+        get_method("healthygan").from_profile("tiny", device="cpu", precision="16-mixed")
+    code = main(["train", "ganomaly", "--healthy", str(tmp_path), "--out", str(tmp_path / "run"),
+                 "--device", "cpu", "--precision", "16-mixed"])
+    assert code == 2 and "16-mixed needs a CUDA device" in capsys.readouterr().err

@@ -91,6 +91,9 @@ class Detector(abc.ABC):
         self.device = torch.device(resolve_device(device))
         if precision not in PRECISIONS:
             raise ScanomalyError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if precision == "16-mixed" and self.device.type != "cuda":
+            # float16 autocast needs a GradScaler and CUDA kernels; on a CPU bf16 is the half-precision option
+            raise ScanomalyError(f"--precision 16-mixed needs a CUDA device (this one is {self.device}); on CPU use bf16 or 32")
         self.precision = precision
         flush_denormals()
         if precision == "bf16" and self.device.type == "cpu":
