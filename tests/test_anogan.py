@@ -5,14 +5,13 @@ import pytest
 import torch
 
 from scanomaly.data import discover, load_images
-from scanomaly.detector import Detector
+from scanomaly.detector import Detector, anomaly_map
 from scanomaly.errors import ScanomalyError
 from scanomaly.methods.anogan import (
     AnoGAN,
     AnoGANTask,
     Discriminator,
     Generator,
-    anomaly_map,
     discrimination_loss,
     discriminator_loss,
     generator_loss,
