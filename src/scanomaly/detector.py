@@ -296,7 +296,7 @@ class ReconstructionDetector(Detector):
     def _batches(self, images, batch_size: int):
         x_all = as_tensor(images)
         for i in range(0, len(x_all), batch_size):
-            x = x_all[i : i + batch_size].to(self.device)
+            x = x_all[i : i + batch_size].to(self.device, non_blocking=True)  # async from pinned memory on a GPU
             reconstruction, scores = self._reconstruct_and_score(x)
             yield x, reconstruction.detach().float(), scores.detach()
 

@@ -99,6 +99,10 @@ class Batch:
     images: torch.Tensor | None  # [B, C, S, S] in [-1, 1]; None when nothing in the batch was readable
     skipped: list[dict]  # {"path", "reason"[, "index"]} as in ImageSet.skipped
 
+    def pin_memory(self) -> "Batch":
+        """Called by a DataLoader with pin_memory=True (scoring on a GPU)."""
+        return replace(self, images=None if self.images is None else self.images.pin_memory())
+
 
 class _Collate:
     """DataLoader collate_fn (a class, so that worker processes can receive it)."""
@@ -257,6 +261,8 @@ def score_stream(
     loader = DataLoader(
         Subset(RecordImages(records, scorer.preprocessing), todo),
         batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_Collate(records),
+        # page-locked batches: the copy to a GPU overlaps the next batch's reading
+        pin_memory=getattr(getattr(scorer, "device", None), "type", "cpu") == "cuda",
     )
     summary = StreamSummary(out_csv, 0, n_already, heatmap_range=scale)
     start = time.perf_counter()
