@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .data import ABNORMAL, NORMAL, UNKNOWN, ImageRecord, discover, load_images
+from .data import ABNORMAL, NORMAL, UNKNOWN, ImageRecord, discover, label_text, load_images
 from .errors import ImageReadError, ScanomalyError
 from .scores_csv import SCORE_COLUMNS, record_key, write_scores_csv  # noqa: F401 - re-exported
 
@@ -41,10 +41,6 @@ from .scores_csv import SCORE_COLUMNS, record_key, write_scores_csv  # noqa: F40
 
 def _abspath(p) -> Path:
     return Path(os.path.abspath(os.path.expanduser(str(p))))
-
-
-def _label_text(label: int) -> str:
-    return {NORMAL: "normal", ABNORMAL: "abnormal"}.get(label, "unknown")
 
 
 def _parse_value(text: str):
@@ -167,7 +163,7 @@ def _cmd_info(args) -> int:
     records = discover(source)
     counts: dict[str, Counter] = {}
     for r in records:
-        counts.setdefault(r.split or "-", Counter())[_label_text(r.label)] += 1
+        counts.setdefault(r.split or "-", Counter())[label_text(r.label)] += 1
     paths = list(dict.fromkeys(r.path for r in records))
     formats, modes, sizes = Counter(), Counter(), Counter()
     unreadable, n_images = [], 0

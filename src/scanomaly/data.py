@@ -36,6 +36,11 @@ LABEL_NAMES = {"normal": NORMAL, "healthy": NORMAL, "0": NORMAL, "abnormal": ABN
 UNKNOWN_LABEL_NAMES = {"", "-1", "unknown", "unlabeled", "unlabelled", "?"}
 
 
+def label_text(label: int) -> str:
+    """"normal", "abnormal" or "unknown" for a label 0 / 1 / -1."""
+    return {NORMAL: "normal", ABNORMAL: "abnormal"}.get(label, "unknown")
+
+
 @dataclass(frozen=True)
 class ImageRecord:
     """One image on disk (or one slice / row of a multi-image file)."""

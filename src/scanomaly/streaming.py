@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from .data import ABNORMAL, NORMAL, ImageRecord, _cached_image, discover
+from .data import UNKNOWN, ImageRecord, _cached_image, discover, label_text
 from .errors import ImageReadError, ScanomalyError
 from .io import RASTER_SUFFIXES, describe_file, read_image, suffix_of
 from .preprocess import Preprocessing, to_unit_range
@@ -185,8 +185,7 @@ def _save_scale(path: Path, scale: tuple[float, float]) -> None:
 
 
 def _panel_title(rec: ImageRecord, score: float) -> str:
-    label = {NORMAL: "normal", ABNORMAL: "abnormal"}.get(rec.label)
-    return f"{rec.name}  score {score:.4g}" + (f"  ({label})" if label else "")
+    return f"{rec.name}  score {score:.4g}" + (f"  ({label_text(rec.label)})" if rec.label != UNKNOWN else "")
 
 
 def _write_panels(batch: Batch, scores, maps, healthy, heatmap_dir: Path, scale: tuple[float, float]) -> list[str]:
