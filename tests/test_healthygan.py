@@ -154,6 +154,28 @@ def test_aucp_selection_keeps_best_checkpoint(tmp_path):
     assert list((tmp_path / "samples").glob("*.png"))
 
 
+def test_sample_grid_shows_the_scoring_ema_generator(tmp_path, monkeypatch):
+    # the grids must show what the detector will score with (the EMA copy), not the live generator
+    recorded = []
+    original = HealthyGANTask.sample_rows
+
+    def recording(self, batch, nets):
+        rows = original(self, batch, nets)
+        recorded.append((batch["a"].clone(), dict(rows)["healthy"].clone(), self.generator))
+        return rows
+
+    monkeypatch.setattr(HealthyGANTask, "sample_rows", recording)
+    det = tiny(iterations=20, sample_every=20, selection="last").fit(
+        blobs(12, seed=1), blobs(12, seed=2), work_dir=tmp_path, progress=False
+    )
+    x, healthy_in_grid, live = recorded[-1]
+    with torch.no_grad():
+        scored = det.scoring_generator.eval()(x)[0]
+        live_out = live.eval()(x)[0]
+    torch.testing.assert_close(healthy_in_grid, scored)
+    assert not torch.allclose(healthy_in_grid, live_out, atol=1e-4)  # EMA 0.9 lags the live weights
+
+
 def _weights(det):
     return {k: v.clone() for k, v in det.generator.state_dict().items()} | {
         f"critic.{k}": v.clone() for k, v in det.critic.state_dict().items()

@@ -266,15 +266,11 @@ class ALADTask(GANTask):
         cycle_z = real_fake_loss(lg["zz_fake"], lg["zz_real"])
         return xz + cycle_x + cycle_z, {"G/xz": xz.item(), "G/cycle_x": cycle_x.item(), "G/cycle_z": cycle_z.item()}
 
-    def sample_rows(self, batch):
-        # the loop puts only the networks without an EMA copy in eval mode; BatchNorm and spectral
-        # norm must not update their statistics from the sample batch (the loop resets train mode)
-        self.encoder.eval()
-        self.generator.eval()
+    def sample_rows(self, batch, nets):
         x = batch["x"]
-        x_rec = self.generator(self.encoder(x))
+        x_rec = nets["generator"](nets["encoder"](x))
         z = torch.randn(len(x), self.cfg.latent, device=x.device, generator=torch.Generator(x.device).manual_seed(0))
-        return [("input", x), ("G(E(x))", x_rec), ("difference", anomaly_map(x, x_rec)[:, None]), ("G(z)", self.generator(z))]
+        return [("input", x), ("G(E(x))", x_rec), ("difference", anomaly_map(x, x_rec)[:, None]), ("G(z)", nets["generator"](z))]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -192,10 +192,9 @@ class ALOCCTask(GANTask):
         adv, rec = adversarial_loss(self.discriminator(x_rec)), reconstruction_loss(x, x_rec)
         return adv + cfg.lambda_rec * rec, {"R/adv": adv.item(), "R/rec": rec.item()}
 
-    def sample_rows(self, batch):
-        self.reconstructor.eval()  # with an EMA the loop leaves it in train mode (BatchNorm statistics)
+    def sample_rows(self, batch, nets):
         x = batch["x"]
-        x_rec = self.reconstructor(x)
+        x_rec = nets["reconstructor"](x)
         return [("input", x), ("R(x)", x_rec), ("difference", anomaly_map(x, x_rec)[:, None])]
 
 

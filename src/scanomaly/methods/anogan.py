@@ -262,8 +262,8 @@ class AnoGANTask(GANTask):
         loss = generator_loss(self.discriminator(self.generator(self._z(x))))
         return loss, {"G/loss": loss.item()}
 
-    def sample_rows(self, batch):
-        return [("real", batch["x"][:8]), ("generated", self.generator(self.fixed_z.to(batch["x"].device)))]
+    def sample_rows(self, batch, nets):
+        return [("real", batch["x"][:8]), ("generated", nets["generator"](self.fixed_z.to(batch["x"].device)))]
 
 
 # ---------------------------------------------------------------------------------------------

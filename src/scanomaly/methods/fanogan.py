@@ -148,8 +148,8 @@ class WGANGPTask(GANTask):
         loss = generator_loss(self.critic(self._fake(x)))
         return loss, {"G/loss": loss.item()}
 
-    def sample_rows(self, batch):
-        return [("real", batch["x"][:8]), ("generated", self.generator(self.fixed_z.to(batch["x"].device)))]
+    def sample_rows(self, batch, nets):
+        return [("real", batch["x"][:8]), ("generated", nets["generator"](self.fixed_z.to(batch["x"].device)))]
 
 
 class EncoderTask(GANTask):
@@ -179,9 +179,9 @@ class EncoderTask(GANTask):
         residual = (x - reconstruction).pow(2).mean()
         return per_image.mean(), {"E/izif": per_image.mean().item(), "E/residual": residual.item()}
 
-    def sample_rows(self, batch):
+    def sample_rows(self, batch, nets):
         x = batch["x"][:8]
-        reconstruction = self.generator(self.encoder(x))
+        reconstruction = self.generator(nets["encoder"](x))  # G is frozen in this stage
         return [("input", x), ("G(E(x))", reconstruction), ("difference", anomaly_map(x, reconstruction)[:, None])]
 
 

@@ -187,12 +187,9 @@ class GANomalyTask(GANTask):
             self.reinitialisations += 1
             logs["D/reinit"] = 1.0  # the loop logs this dict after the hook: the CSV shows the rate
 
-    def sample_rows(self, batch):
-        # with an EMA the loop leaves the live generator in train mode; its BatchNorm statistics
-        # must not learn from the sample batch (the loop resets train mode afterwards)
-        self.generator.eval()
+    def sample_rows(self, batch, nets):
         x = batch["x"]
-        x_hat = self.generator(x)[0]
+        x_hat = nets["generator"](x)[0]
         return [("input", x), ("reconstruction", x_hat), ("difference", anomaly_map(x, x_hat)[:, None])]
 
 

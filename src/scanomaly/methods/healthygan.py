@@ -178,9 +178,9 @@ class HealthyGANTask(GANTask):
         logs = {"G/adv": adv, "G/id": idt, "G/rec": rec, "G/mask": msk, "G/mask_mean": m_a.mean()}
         return loss, {k: v.item() for k, v in logs.items()}
 
-    def sample_rows(self, batch):
+    def sample_rows(self, batch, nets):
         x = batch["a"]
-        healthy, _, mask = self.generator(x)
+        healthy, _, mask = nets["generator"](x)  # the EMA generator: the one that scores
         return [("input", x), ("healthy", healthy), ("mask", mask), ("difference", anomaly_map(x, healthy)[:, None])]
 
 

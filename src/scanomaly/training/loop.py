@@ -98,8 +98,12 @@ class GANTask(abc.ABC):
     def after_step(self, phase: str, logs: dict[str, float]) -> None:
         """Hook after a phase's optimizer step (GANomaly re-initialises a collapsed discriminator here)."""
 
-    def sample_rows(self, batch: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
-        """Rows of a sample grid for a fixed batch (e.g. input | healthy | mask | difference)."""
+    def sample_rows(
+        self, batch: dict[str, torch.Tensor], nets: dict[str, nn.Module]
+    ) -> list[tuple[str, torch.Tensor]]:
+        """Rows of a sample grid for a fixed batch (e.g. input | healthy | mask | difference), drawn
+        with `nets`: the networks that score, i.e. the EMA copy where the task keeps one (so the grid
+        shows what the detector will do), the live network otherwise; all in eval mode."""
         return []
 
 
@@ -504,7 +508,8 @@ class GANTrainer:
         for m in [*self.scoring_modules().values(), *self.task.modules().values()]:
             m.eval()
         with torch.no_grad(), torch.random.fork_rng(devices=[]):  # rank 0 only: must not move the RNG
-            rows = self.task.sample_rows({k: v.to(self.device) for k, v in self.sample_batch.items()})
+            batch = {k: v.to(self.device) for k, v in self.sample_batch.items()}
+            rows = self.task.sample_rows(batch, self.scoring_modules())
         for m in self.task.modules().values():
             m.train()
         if rows:
