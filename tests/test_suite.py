@@ -309,6 +309,38 @@ def test_interrupted_benchmark_resumes_where_it_stopped(tmp_path, monkeypatch):
         run_benchmark(data, SuiteMean.name, out, profile="tiny", seeds=3, report=False, **FAST)
 
 
+def test_set_options_are_checked_per_run(tmp_path, monkeypatch):
+    data = make_tiny_tree(tmp_path / "data", n=12, size=16)
+    out, pair = tmp_path / "b", [SuiteMean.name, SuiteBroken.name]
+    run_benchmark(data, SuiteMean.name, out, profile="tiny", report=False, config_overrides={"gain": 2.0}, **FAST)
+    recorded = json.loads((out / SuiteMean.name / "seed0" / "options.json").read_text())
+    assert recorded == {"config": {"gain": 2.0}, "preprocessing": {}}
+
+    # an option scoped to a method that has not run yet may be added: the finished run is kept
+    calls = []
+    real = benchmark.run_method
+    monkeypatch.setattr(benchmark, "run_method", lambda m, *a, **k: calls.append((m, k["config_overrides"])) or real(m, *a, **k))
+    both = {"gain": 2.0, f"{SuiteBroken.name}.iterations": 3}
+    results = run_benchmark(data, pair, out, profile="tiny", report=False, config_overrides=both, **FAST)
+    assert calls == [(SuiteBroken.name, {"gain": 2.0, "iterations": 3})]
+    assert [r["resumed"] for r in results["runs"]] == [True, False]
+    text = (out / "results.md").read_text()
+    assert f"{SuiteMean.name}: gain=2.0; {SuiteBroken.name}: gain=2.0, iterations=3" in text
+
+    # an option that changes a run already trained: refused before anything runs
+    with pytest.raises(ScanomalyError, match="other --set options"):
+        run_benchmark(data, pair, out, profile="tiny", report=False, config_overrides={"gain": 5.0}, **FAST)
+    assert len(calls) == 1
+
+    # a run folder from before options.json existed is judged by results.json, and gets its record
+    (out / SuiteMean.name / "seed0" / "options.json").unlink()
+    with pytest.raises(ScanomalyError, match="other --set options"):
+        run_benchmark(data, SuiteMean.name, out, profile="tiny", report=False, config_overrides={"gain": 5.0}, **FAST)
+    run_benchmark(data, SuiteMean.name, out, profile="tiny", report=False, config_overrides={"gain": 2.0}, **FAST)
+    assert json.loads((out / SuiteMean.name / "seed0" / "options.json").read_text()) == recorded
+    assert len(calls) == 1
+
+
 def test_unknown_method_fails_alone(tmp_path):
     data = make_tiny_tree(tmp_path / "data", n=12, size=16)
     results = run_benchmark(data, f"no_such_method,{SuiteMean.name}", tmp_path / "b", profile="tiny", report=True, **FAST)

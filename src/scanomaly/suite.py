@@ -41,10 +41,12 @@ from .errors import ScanomalyError
 ALL_METHODS = ("healthygan", "anogan", "fanogan", "ganomaly", "alad", "alocc", "padim", "patchcore")
 ONE_CLASS_TRAIN = ("healthy", "all_normals")
 
-# settings that change results: a resumed benchmark must use the same ones
+# settings that change every run's results: a resumed benchmark must use the same ones. The --set
+# options are checked per run instead (`_check_run_options`): an option for one method that has not
+# run yet (`healthygan.preprocessing.top_crop=0`) may be added to a benchmark that is under way.
 _RESULT_SETTINGS = ("data", "profile", "split_seed", "abnormal_fraction", "healthy_fraction", "holdout_fraction",
-                    "test_fraction", "one_class_train", "config_overrides", "preprocessing_overrides", "precision",
-                    "n_bootstrap")
+                    "test_fraction", "one_class_train", "precision", "n_bootstrap")
+RUN_OPTIONS = "options.json"  # in each run folder: the config / preprocessing options that run got
 
 # flat metrics of one run: (key, where in result.json)
 RULES = ("balanced", "max_f1")
@@ -302,9 +304,9 @@ def flat_metrics(result: dict) -> dict:
 
 
 def run_record(method: str, seed: int, rel_dir: str, result: dict | None = None, error: str | None = None,
-               seconds: float | None = None, resumed: bool = False) -> dict:
+               seconds: float | None = None, resumed: bool = False, options: dict | None = None) -> dict:
     rec = {"method": method, "seed": seed, "status": "ok" if result is not None else "failed", "dir": rel_dir,
-           "resumed": resumed, "seconds": seconds, "error": error}
+           "resumed": resumed, "seconds": seconds, "error": error, "options": options or {}}
     if result is not None:
         rec["metrics"] = flat_metrics(result)
         rec["profile"] = result.get("profile")
@@ -413,7 +415,24 @@ def describe_settings(results: dict) -> str:
     if test:
         text += (f" Test: {test.get('n')} images ({test.get('abnormal')} abnormal); thresholds chosen on "
                  f"validation: {val.get('n')} images ({val.get('abnormal')} abnormal).")
+    options = _describe_options(results.get("runs", []))
+    if options:
+        text += f" Options set (`--set`): {options}."
     return text
+
+
+def _describe_options(runs: list[dict]) -> str:
+    """'padim: preprocessing.intensity=percentile; healthygan: ...' from the runs' recorded options."""
+    per_method = {}
+    for r in runs:
+        opts = r.get("options") or {}
+        items = [f"{k}={v}" for k, v in sorted((opts.get("config") or {}).items())]
+        items += [f"preprocessing.{k}={v}" for k, v in sorted((opts.get("preprocessing") or {}).items())]
+        if items:
+            per_method.setdefault(r["method"], ", ".join(items))
+    if len(set(per_method.values())) == 1 and len(per_method) == len({r["method"] for r in runs}):
+        return f"{next(iter(per_method.values()))} for every method"
+    return "; ".join(f"{m}: {v}" for m, v in per_method.items())
 
 
 def results_markdown(results: dict) -> str:
@@ -524,6 +543,45 @@ def _check_resume(out_dir: Path, settings: dict) -> None:
                              "use another output folder, or the same settings to resume it")
 
 
+def _run_options(method: str, settings: dict) -> dict:
+    config, prep = method_overrides(method, settings.get("config_overrides"), settings.get("preprocessing_overrides"),
+                                    list(settings.get("methods") or []))
+    return {"config": config, "preprocessing": prep}
+
+
+def _check_run_options(out_dir: Path, todo: list[tuple[str, int]], settings: dict) -> None:
+    """Refuse, before anything runs, to resume a run folder under other --set options than it was
+    trained with. A folder from before options.json was written is judged by the options in the
+    benchmark's earlier results.json, and gets its options.json now."""
+    old_settings = None
+    path = out_dir / "results.json"
+    if path.is_file():
+        try:
+            old_settings = json.loads(path.read_text()).get("settings")
+        except json.JSONDecodeError:
+            pass
+    clashes = []
+    for method, seed in todo:
+        run_dir = out_dir / run_dir_name(method, seed)
+        if not ((run_dir / "result.json").is_file() or (run_dir / "split.csv").is_file()):
+            continue  # nothing trained there yet
+        now = _run_options(method, settings)
+        recorded_file = run_dir / RUN_OPTIONS
+        if recorded_file.is_file():
+            recorded = json.loads(recorded_file.read_text())
+        elif old_settings is not None:
+            recorded = _run_options(method, old_settings)
+        else:
+            continue  # no record of its options at all: nothing to compare with
+        if json.dumps(recorded, sort_keys=True) != json.dumps(now, sort_keys=True):
+            clashes.append(f"{run_dir_name(method, seed)}: {recorded} before, {now} now")
+        elif not recorded_file.is_file():
+            _write_json(recorded_file, recorded)
+    if clashes:
+        raise ScanomalyError(f"{out_dir} holds runs trained with other --set options ({'; '.join(clashes)}); "
+                             "use the same options to resume them, delete those run folders, or use another output folder")
+
+
 def run_benchmark(
     data,
     methods=ALL_METHODS,
@@ -578,7 +636,9 @@ def run_benchmark(
         "n_bootstrap": n_bootstrap,
         "version": __version__,
     }
+    todo = [(m, s) for m in methods for s in seed_list]
     _check_resume(out_dir, settings)
+    _check_run_options(out_dir, todo, settings)
     split = _prepare_split(data, out_dir, settings)
     results = {
         "title": f"Benchmark on {data.name}",
@@ -595,7 +655,6 @@ def run_benchmark(
         write_results(results, out_dir)
 
     save()
-    todo = [(m, s) for m in methods for s in seed_list]
     for i, (method, seed) in enumerate(todo, start=1):
         rel = run_dir_name(method, seed)
         run_dir = out_dir / rel
@@ -604,10 +663,11 @@ def run_benchmark(
         if own_split.is_file() and own_split.read_bytes() != (out_dir / "split.csv").read_bytes():
             raise ScanomalyError(f"{run_dir} was trained on another split than {out_dir / 'split.csv'}; "
                                  "delete that run folder (or use another output folder) to run it again")
+        options = _run_options(method, settings)
         if (run_dir / "result.json").is_file():
             try:
                 result = json.loads((run_dir / "result.json").read_text())
-                results["runs"].append(run_record(method, seed, rel, result, resumed=True))
+                results["runs"].append(run_record(method, seed, rel, result, resumed=True, options=options))
                 _log(progress, f"{tag}: finished before, skipped")
                 save()
                 continue
@@ -615,7 +675,8 @@ def run_benchmark(
                 pass  # a corrupt result: run it again
         run_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out_dir / "split.csv", own_split)  # the one shared split: run_method reuses it
-        config, prep = method_overrides(method, config_overrides, preprocessing_overrides, methods)
+        _write_json(run_dir / RUN_OPTIONS, options)
+        config, prep = options["config"], options["preprocessing"]
         _log(progress, f"{tag}: training and scoring in {run_dir}")
         _reset_peak_memory()
         t0 = time.perf_counter()
@@ -630,7 +691,7 @@ def run_benchmark(
             seconds = time.perf_counter() - t0
             error = f"{type(exc).__name__}: {exc}"
             (run_dir / "error.txt").write_text(traceback.format_exc())
-            results["runs"].append(run_record(method, seed, rel, error=error, seconds=seconds))
+            results["runs"].append(run_record(method, seed, rel, error=error, seconds=seconds, options=options))
             _log(progress, f"{tag}: FAILED after {seconds:.1f} s: {error}")
             save()
             continue
@@ -641,7 +702,7 @@ def run_benchmark(
             _write_json(run_dir / "result.json", result)
         if (run_dir / "error.txt").is_file():
             (run_dir / "error.txt").unlink()  # an earlier failure, now fixed
-        results["runs"].append(run_record(method, seed, rel, result, seconds=seconds))
+        results["runs"].append(run_record(method, seed, rel, result, seconds=seconds, options=options))
         _log(progress, f"{tag}: AUROC {result['test']['balanced']['auroc']:.3f} ({seconds:.1f} s)")
         save()
 
