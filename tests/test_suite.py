@@ -325,7 +325,7 @@ def test_set_options_are_checked_per_run(tmp_path, monkeypatch):
     assert calls == [(SuiteBroken.name, {"gain": 2.0, "iterations": 3})]
     assert [r["resumed"] for r in results["runs"]] == [True, False]
     text = (out / "results.md").read_text()
-    assert f"{SuiteMean.name}: gain=2.0; {SuiteBroken.name}: gain=2.0, iterations=3" in text
+    assert f"Options set (`--set`): gain=2.0 for every method; {SuiteBroken.name} also iterations=3." in text
 
     # an option that changes a run already trained: refused before anything runs
     with pytest.raises(ScanomalyError, match="other --set options"):

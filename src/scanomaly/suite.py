@@ -422,17 +422,20 @@ def describe_settings(results: dict) -> str:
 
 
 def _describe_options(runs: list[dict]) -> str:
-    """'padim: preprocessing.intensity=percentile; healthygan: ...' from the runs' recorded options."""
+    """'a=1 for every method; healthygan also b=2' from the runs' recorded options."""
     per_method = {}
     for r in runs:
         opts = r.get("options") or {}
         items = [f"{k}={v}" for k, v in sorted((opts.get("config") or {}).items())]
         items += [f"preprocessing.{k}={v}" for k, v in sorted((opts.get("preprocessing") or {}).items())]
-        if items:
-            per_method.setdefault(r["method"], ", ".join(items))
-    if len(set(per_method.values())) == 1 and len(per_method) == len({r["method"] for r in runs}):
-        return f"{next(iter(per_method.values()))} for every method"
-    return "; ".join(f"{m}: {v}" for m, v in per_method.items())
+        per_method.setdefault(r["method"], items)
+    if not any(per_method.values()):
+        return ""
+    common = [i for i in next(iter(per_method.values())) if all(i in v for v in per_method.values())]
+    parts = [f"{', '.join(common)} for every method"] if common else []
+    parts += [f"{m}{' also' if common else ':'} {', '.join(i for i in v if i not in common)}"
+              for m, v in per_method.items() if len(v) > len(common)]
+    return "; ".join(parts)
 
 
 def results_markdown(results: dict) -> str:
