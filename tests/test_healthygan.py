@@ -1,3 +1,5 @@
+import csv
+
 import numpy as np
 import pytest
 import torch
@@ -208,6 +210,17 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     a, b = _weights(full), _weights(resumed)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+    # the training time of the first attempt (up to its checkpoint) is carried over, not restarted
+    assert full.training_seconds_before_resume() == 0.0
+    assert state["seconds"] > 0
+    assert resumed.training_seconds_before_resume() == pytest.approx(state["seconds"])
+    assert resumed.train_result.seconds > state["seconds"]
+    with open(tmp_path / "killed" / "losses.csv") as f:
+        rows = list(csv.DictReader(f))
+    steps, seconds = [int(r["step"]) for r in rows], [float(r["seconds"]) for r in rows]
+    assert steps == [25, 30]  # logged every 25 iterations and at the end, both after the resume
+    assert seconds[0] >= round(state["seconds"], 1) and seconds == sorted(seconds)
 
 
 def test_resume_with_other_iteration_count_is_refused(tmp_path):

@@ -86,7 +86,8 @@ def run_method(
             normals = unlabeled.subset(np.flatnonzero(unlabeled.labels == 0))
             train = _concat(healthy, holdout, normals)
         det.fit(train, work_dir=out_dir / "train", progress=progress)
-    train_seconds = time.perf_counter() - t0
+    # a resumed run: add what the interrupted attempt(s) spent up to their last checkpoint
+    train_seconds = time.perf_counter() - t0 + det.training_seconds_before_resume()
     det.save(out_dir / "model")
 
     val_scores, val_maps, _ = timed_score(det, val)

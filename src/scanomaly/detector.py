@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from .data import ImageSet
 from .errors import ScanomalyError
 from .preprocess import Preprocessing
+from .training.loop import TrainResult
 
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "model.json"
@@ -153,6 +154,14 @@ class Detector(abc.ABC):
     @abc.abstractmethod
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         ...
+
+    def training_seconds_before_resume(self) -> float:
+        """Training time that the last `fit` took over from checkpoints of an interrupted earlier attempt.
+
+        Every training loop result the detector keeps (`TrainResult`, one per stage) counts; 0 for methods without a
+        loop and for uninterrupted runs. The benchmark adds it to its own clock so a resumed run reports its whole cost.
+        """
+        return float(sum(v.earlier_seconds for v in vars(self).values() if isinstance(v, TrainResult)))
 
     def extra_state(self) -> dict[str, Any]:
         """JSON-serialisable state beyond the config (e.g. score normalisation constants)."""

@@ -216,8 +216,9 @@ def flat_state(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
 @dataclass
 class TrainResult:
     steps: int
-    seconds: float
-    iterations_per_second: float
+    seconds: float  # training-loop time over all attempts: this process's plus what checkpoints credit from before
+    iterations_per_second: float  # of this process's iterations
+    earlier_seconds: float = 0.0  # the part of `seconds` spent before the resume (0 for an uninterrupted run)
     best_step: int | None = None
     best_metric: float | None = None
     history: list[dict] = field(default_factory=list)  # per-checkpoint evaluations
@@ -255,6 +256,10 @@ class GANTrainer:
         self.best_metric: float | None = None
         self.best_step: int | None = None
         self.history: list[dict] = []
+        # loop time credited by the checkpoint this run resumed from (time spent before a kill on iterations
+        # after the last checkpoint is redone, so it is not counted)
+        self.earlier_seconds = 0.0
+        self._t0: float | None = None
         for opt in task.optimizers().values():
             for group in opt.param_groups:
                 group.setdefault("initial_lr", group["lr"])
@@ -292,7 +297,12 @@ class GANTrainer:
             "best_step": self.best_step,
             "history": self.history,
             "iterations": self.settings.iterations,
+            "seconds": self.elapsed_seconds(),
         }
+
+    def elapsed_seconds(self) -> float:
+        """Training-loop time up to now, including attempts before a resume."""
+        return self.earlier_seconds + (time.perf_counter() - self._t0 if self._t0 is not None else 0.0)
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
@@ -311,6 +321,7 @@ class GANTrainer:
         _set_python_rng_state(state["rng"]["python"])
         self.best_metric, self.best_step = state["best_metric"], state["best_step"]
         self.history = list(state["history"])
+        self.earlier_seconds = float(state.get("seconds", 0.0))  # absent in checkpoints written before it was kept
 
     def save_checkpoint(self) -> None:
         if self._writes:  # the ranks hold identical states: one copy is enough
@@ -405,7 +416,8 @@ class GANTrainer:
         if log_path is not None:
             self.work_dir.mkdir(parents=True, exist_ok=True)
             _truncate_log(log_path, self.step)
-        start_step, t0 = self.step, time.perf_counter()
+        start_step = self.step
+        self._t0 = t0 = time.perf_counter()
         window: dict[str, list[float]] = {}
         bar = tqdm(
             total=s.iterations, initial=self.step, disable=not (self.progress and self.world.is_main),
@@ -430,8 +442,8 @@ class GANTrainer:
                     window.clear()
                     bar.set_postfix({k: f"{v:.3g}" for k, v in list(means.items())[:4]}, refresh=False)
                     if log_path is not None:
-                        elapsed = time.perf_counter() - t0
-                        _append_log(log_path, {"step": self.step, "seconds": round(elapsed, 1), "lr_factor": lr, **means})
+                        _append_log(log_path, {"step": self.step, "seconds": round(self.elapsed_seconds(), 1),
+                                               "lr_factor": lr, **means})
                 if self.sample_batch is not None and self._writes and (
                     self.step % s.sample_every == 0 or self.step == s.iterations
                 ):
@@ -453,10 +465,12 @@ class GANTrainer:
         bar.close()
         seconds = time.perf_counter() - t0
         done = self.step - start_step
+        self._t0 = None
         return TrainResult(
             steps=self.step,
-            seconds=seconds,
+            seconds=self.earlier_seconds + seconds,
             iterations_per_second=done / seconds if seconds > 0 and done else float("nan"),
+            earlier_seconds=self.earlier_seconds,
             best_step=self.best_step,
             best_metric=self.best_metric,
             history=self.history,
