@@ -415,3 +415,25 @@ def test_benchmark_on_real_chest_xrays(data_root, tmp_path):
     check_markdown_matches_json(tmp_path / "bench")
     parser = check_self_contained_html(tmp_path / "bench" / "report.html")
     assert [a.get("alt") for tag, a in parser.attrs if tag == "img"] == ["ROC curves", "score histograms", "gallery"]
+
+
+def test_failed_run_may_be_retried_with_other_options(tmp_path, monkeypatch):
+    data = make_tiny_tree(tmp_path / "data", n=12, size=16)
+    out = tmp_path / "b"
+    first = run_benchmark(data, SuiteBroken.name, out, profile="tiny", report=False,
+                          config_overrides={"gain": 2.0}, **FAST)
+    assert first["runs"][0]["status"] == "failed"
+    run_dir = out / SuiteBroken.name / "seed0"
+    assert (run_dir / "split.csv").is_file()  # it got as far as its folder, but trained nothing
+
+    # nothing to resume, so other options are fine: it runs again under them
+    again = run_benchmark(data, SuiteBroken.name, out, profile="tiny", report=False,
+                          config_overrides={"gain": 3.0}, **FAST)
+    assert again["runs"][0]["status"] == "failed" and again["runs"][0]["resumed"] is False
+    assert json.loads((run_dir / "options.json").read_text())["config"] == {"gain": 3.0}
+
+    # a checkpoint in the folder means training had started: other options are refused again
+    (run_dir / "train").mkdir()
+    (run_dir / "train" / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(ScanomalyError, match="other --set options"):
+        run_benchmark(data, SuiteBroken.name, out, profile="tiny", report=False, config_overrides={"gain": 4.0}, **FAST)

@@ -556,6 +556,8 @@ def _check_run_options(out_dir: Path, todo: list[tuple[str, int]], settings: dic
     """Refuse, before anything runs, to resume a run folder under other --set options than it was
     trained with. A folder from before options.json was written is judged by the options in the
     benchmark's earlier results.json, and gets its options.json now."""
+    from .training.loop import CHECKPOINT
+
     old_settings = None
     path = out_dir / "results.json"
     if path.is_file():
@@ -566,8 +568,8 @@ def _check_run_options(out_dir: Path, todo: list[tuple[str, int]], settings: dic
     clashes = []
     for method, seed in todo:
         run_dir = out_dir / run_dir_name(method, seed)
-        if not ((run_dir / "result.json").is_file() or (run_dir / "split.csv").is_file()):
-            continue  # nothing trained there yet
+        if not ((run_dir / "result.json").is_file() or any(run_dir.rglob(CHECKPOINT))):
+            continue  # nothing trained there yet (never started, or failed before its first checkpoint): any options
         now = _run_options(method, settings)
         recorded_file = run_dir / RUN_OPTIONS
         if recorded_file.is_file():
