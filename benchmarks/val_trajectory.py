@@ -1,6 +1,7 @@
 """Validation AUROC of every kept checkpoint of a benchmark run (development aid; never looks at test).
 
     python benchmarks/val_trajectory.py bench_runs/hg_v1
+    python benchmarks/val_trajectory.py bench_runs/hg_N1 healthygan cpu upsample=nearest   # a run trained with --set
 
 Scores the run's validation set (held-out healthy + validation abnormals from split.csv) with each
 snapshot in RUN/train/snapshots, beside the label-free AUCp logged during training.
@@ -17,11 +18,14 @@ from scanomaly.data import load_images
 from scanomaly.detector import get_method
 from scanomaly.splits import read_split_manifest
 
+from run_method import parse_value  # the same KEY=VALUE reading as the runs' --set
 
-def main(run: str, method: str = "healthygan", profile: str = "cpu") -> None:
+
+def main(run: str, method: str = "healthygan", profile: str = "cpu", *options: str) -> None:
+    """`options`: the run's config --set options as key=value (the networks must be built as trained)."""
     run = Path(run)
     torch.set_num_threads(1)
-    det = get_method(method).from_profile(profile)
+    det = get_method(method).from_profile(profile, {k: parse_value(v) for k, v in (o.split("=", 1) for o in options)})
     val = load_images(read_split_manifest(run / "split.csv").val, det.preprocessing, progress=False)
     for snap in sorted((run / "train" / "snapshots").glob("step_*.safetensors")):
         det.load_state_tensors(load_file(str(snap)))
