@@ -220,10 +220,11 @@ def test_nifti_3d_slices_share_the_volume_range(tmp_path):
         vol[..., k] = k * 10 + np.arange(30).reshape(6, 5) / 10
     path = write_nifti(tmp_path / "vol.nii.gz", vol)
     images = read_image(path)
-    assert len(images) == 4 and images[0].shape == (6, 5)
+    assert len(images) == 4 and images[0].shape == (5, 6)  # rows = the A axis, columns = the R axis
     lo, hi = vol.min(), vol.max()
     for k in range(4):
-        np.testing.assert_allclose(images[k], (vol[..., k] - lo) / (hi - lo), atol=1e-5)
+        # identity affine = RAS+: radiological view puts anterior (high y) on top, the patient's right (high x) left
+        np.testing.assert_allclose(images[k], ((vol[..., k] - lo) / (hi - lo))[::-1, ::-1].T, atol=1e-5)
     middle = read_image(path, slice_range=(1, 3))
     assert len(middle) == 2
     np.testing.assert_array_equal(middle[0], images[1])
@@ -231,6 +232,31 @@ def test_nifti_3d_slices_share_the_volume_range(tmp_path):
     np.testing.assert_array_equal(third, images[2])
     with pytest.raises(ImageReadError, match="selects no slice"):
         read_image(path, slice_range=(10, 12))
+
+
+def test_nifti_slices_do_not_depend_on_the_storage_order(tmp_path):
+    import nibabel as nib
+
+    from scanomaly.io import describe_file
+
+    ras = np.random.default_rng(0).random((6, 5, 4)).astype(np.float32)  # x: L->R, y: P->A, z: I->S
+    nib.save(nib.Nifti1Image(ras, np.eye(4)), str(tmp_path / "ras.nii"))
+    # the same head stored as a sagittal stack in LPS order: stored axes (z, y, x), with y and x flipped
+    lps_sagittal = np.ascontiguousarray(ras[::-1, ::-1, :].transpose(2, 1, 0))
+    affine = np.zeros((4, 4))
+    affine[0, 2] = -1  # stored axis 2 runs right -> left
+    affine[1, 1] = -1  # stored axis 1 runs anterior -> posterior
+    affine[2, 0] = 1  # stored axis 0 runs inferior -> superior
+    affine[:3, 3] = (5, 4, 0)
+    affine[3, 3] = 1
+    nib.save(nib.Nifti1Image(lps_sagittal, affine), str(tmp_path / "lps.nii"))
+
+    a, b = read_image(tmp_path / "ras.nii"), read_image(tmp_path / "lps.nii")
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    assert describe_file(tmp_path / "lps.nii")["n_images"] == 4  # counted along S from the header alone
+    np.testing.assert_array_equal(read_image(tmp_path / "lps.nii", index=3)[0], a[3])
 
 
 def test_nifti_trailing_singleton_axis_is_3d(tmp_path):

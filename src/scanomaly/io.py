@@ -12,10 +12,12 @@ Formats and intensity rules:
 - DICOM (.dcm, .dicom, or any file with the DICM preamble): RescaleSlope / RescaleIntercept are
   applied, then the first WindowCenter / WindowWidth when present, else min-max over all frames;
   MONOCHROME1 is inverted so that high values are bright. Multi-frame gives one image per frame.
-- NIfTI (.nii, .nii.gz): a 2-D image gives one image; a 3-D volume gives its slices along the last
-  axis (`data[:, :, k]`, in stored voxel order, not reoriented), all scaled by the volume's min-max,
-  optionally only `slice_range=(start, stop)`. Trailing axes of length 1 are dropped; real 4-D data
-  is refused.
+- NIfTI (.nii, .nii.gz): a 2-D image gives one image (stored order); a 3-D volume is first turned to
+  the closest canonical (RAS+) orientation from its affine, so whatever the scanner's storage order its
+  slices are axial, inferior to superior, each shown radiologically (anterior at the top, the patient's
+  right on the image's left); all scaled by the volume's min-max, optionally only
+  `slice_range=(start, stop)` (indices in that inferior-to-superior order). Trailing axes of length 1
+  are dropped; real 4-D data is refused.
 - .npz in the MedMNIST layout (`{train,val,test}_images` uint8 [N, H, W] or [N, H, W, 3], with
   `{split}_labels`): all images of train, val, test in that order, or one by `index`.
   `read_npz_split(path, split)` gives one split and its labels.
@@ -223,6 +225,10 @@ def read_nifti(path: Path, slice_range: tuple[int, int] | None = None, index: in
 
     try:
         img = nib.load(str(path))
+        if len(img.shape) >= 3:
+            # storage order differs between scanners and converters (LPS, sagittal stacks, ...): the affine
+            # says where each axis points, and RAS+ makes the last axis inferior -> superior
+            img = nib.as_closest_canonical(img)
         data = np.asarray(img.get_fdata(dtype=np.float32))
     except Exception as exc:
         raise ImageReadError(path, f"cannot read NIfTI ({exc.__class__.__name__}: {exc})") from None
@@ -254,7 +260,17 @@ def read_nifti(path: Path, slice_range: tuple[int, int] | None = None, index: in
             raise ImageReadError(path, f"slice index {index} out of range (volume has {n} slices"
                                        + (f", slice_range {tuple(slice_range)})" if slice_range is not None else ")"))
         positions = [index]
-    return [np.ascontiguousarray(scaled[:, :, k]) for k in positions]
+    # RAS+ slice [x, y] -> radiological view: rows anterior -> posterior, columns patient right -> left
+    return [np.ascontiguousarray(scaled[::-1, ::-1, k].T) for k in positions]
+
+
+def _nifti_slice_count(img) -> int:
+    """Slices read_nifti gives for a volume, from the header alone: the length of the axis the affine points
+    inferior -> superior (the canonical last axis)."""
+    import nibabel as nib
+
+    spatial = nib.io_orientation(img.affine)[:, 0]  # output axis (0 = R, 1 = A, 2 = S) of each stored axis
+    return int(img.shape[int(np.flatnonzero(spatial == 2)[0])])
 
 
 # ------------------------------------------------------------------------------------------
@@ -351,9 +367,10 @@ def describe_file(path) -> dict:
         if suffix in NIFTI_SUFFIXES:
             import nibabel as nib
 
-            shape = nib.load(str(path)).shape
+            img = nib.load(str(path))
+            shape = img.shape
             return {"format": "NIfTI", "mode": "volume" if len(shape) >= 3 else "2-D",
-                    "size": "x".join(str(s) for s in shape), "n_images": int(shape[2]) if len(shape) >= 3 else 1}
+                    "size": "x".join(str(s) for s in shape), "n_images": _nifti_slice_count(img) if len(shape) >= 3 else 1}
         if suffix in NPZ_SUFFIXES:
             with _open_npz(path) as npz:
                 shapes = [npz[f"{s}_images"].shape for s in NPZ_SPLITS if f"{s}_images" in npz.files]
