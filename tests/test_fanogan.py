@@ -157,7 +157,8 @@ def test_killed_encoder_stage_resumes_to_the_same_model(tmp_path, monkeypatch):
         assert_same_state(state(a), state(b))
 
     # both stages' time before the kill is credited: all of stage 1, stage 2 up to its checkpoint
-    credited = [torch.load(tmp_path / "killed" / stage / "checkpoint.pt", weights_only=True)["seconds"] for stage in ("stage1", "stage2")]
+    credited = [torch.load(tmp_path / "killed" / stage / "checkpoint.pt", weights_only=True)["seconds"]
+                for stage in ("stage1", "stage2")]
     assert resumed.train_result.seconds == pytest.approx(credited[0], abs=0.05)  # stage 1 was finished: not run again
     assert resumed.training_seconds_before_resume() >= credited[0] > 0
 

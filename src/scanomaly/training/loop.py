@@ -416,8 +416,7 @@ class GANTrainer:
         if log_path is not None:
             self.work_dir.mkdir(parents=True, exist_ok=True)
             _truncate_log(log_path, self.step)
-        start_step = self.step
-        self._t0 = t0 = time.perf_counter()
+        start_step, self._t0 = self.step, time.perf_counter()
         window: dict[str, list[float]] = {}
         bar = tqdm(
             total=s.iterations, initial=self.step, disable=not (self.progress and self.world.is_main),
@@ -463,12 +462,12 @@ class GANTrainer:
                 "Try a lower learning rate, --precision 32, or a different --seed."
             ) from None
         bar.close()
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - self._t0  # this process's share
+        total, self._t0 = self.elapsed_seconds(), None
         done = self.step - start_step
-        self._t0 = None
         return TrainResult(
             steps=self.step,
-            seconds=self.earlier_seconds + seconds,
+            seconds=total,
             iterations_per_second=done / seconds if seconds > 0 and done else float("nan"),
             earlier_seconds=self.earlier_seconds,
             best_step=self.best_step,
