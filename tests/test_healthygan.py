@@ -1,4 +1,5 @@
 import csv
+import warnings
 
 import numpy as np
 import pytest
@@ -154,6 +155,18 @@ def test_aucp_selection_keeps_best_checkpoint(tmp_path):
     assert (tmp_path / "best.safetensors").is_file()
     assert (tmp_path / "losses.csv").read_text().startswith("step,")
     assert list((tmp_path / "samples").glob("*.png"))
+
+
+def test_small_aucp_pool_warns_and_large_one_does_not(tmp_path):
+    # 10 healthy -> 1 held out; 10 unlabeled -> 1 held out: AUCp would rank two images
+    with pytest.warns(UserWarning, match=r"only 1 held-out healthy and 1 held-out unlabeled"):
+        tiny(iterations=10).fit(blobs(10, seed=1), blobs(10, seed=2), work_dir=tmp_path / "small", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny(iterations=10, holdout_fraction=0.5, aucp_pool=64).fit(blobs(40, seed=1), blobs(40, seed=2), work_dir=tmp_path / "big", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # selection=last computes no AUCp, so nothing to warn about
+        tiny(iterations=10, selection="last").fit(blobs(10, seed=1), blobs(10, seed=2), work_dir=tmp_path / "last", progress=False)
 
 
 def test_sample_grid_shows_the_scoring_ema_generator(tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ authors' pseudo-AUC of held-out healthy scans against the unlabeled pool).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -296,6 +297,7 @@ class HealthyGAN(ReconstructionDetector):
             # generator trained on would score low just because it was memorised (measured: AUCp < 0.5)
             x_a, pool = _split_off(x_a, c.holdout_fraction, c.seed)
             pool = pool[: c.aucp_pool]
+            _warn_if_aucp_is_coarse(len(x_hold), len(pool))
             evaluate = lambda mods: self._aucp(mods["generator"], x_hold, pool)  # noqa: E731
 
         task = HealthyGANTask(self.generator, self.critic, c)
@@ -347,6 +349,22 @@ class HealthyGAN(ReconstructionDetector):
         if r is None:
             return {}
         return {"trained_steps": r.steps, "selected_step": r.best_step, "aucp": r.best_metric, "aucp_history": r.history}
+
+
+# Below this many held-out images per side, AUCp moves in steps of several hundredths from one
+# image's rank and picks checkpoints almost at random (measured on BUSI / brain_tumor_small with
+# 3-8 per side: the first checkpoint won both times, BENCHMARKS.md).
+AUCP_MIN_PER_SIDE = 20
+
+
+def _warn_if_aucp_is_coarse(n_healthy: int, n_unlabeled: int) -> None:
+    if min(n_healthy, n_unlabeled) < AUCP_MIN_PER_SIDE:
+        warnings.warn(
+            f"AUCp checkpoint selection rests on only {n_healthy} held-out healthy and {n_unlabeled} held-out unlabeled "
+            f"image(s) (fewer than {AUCP_MIN_PER_SIDE} a side): its choice is coarse. Give more images, a larger "
+            "holdout_fraction, or selection=last (CLI: --set selection=last) to keep the final checkpoint.",
+            stacklevel=3,
+        )
 
 
 def _split_off(x: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
