@@ -33,13 +33,14 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     ap.add_argument("--image-size", type=int, default=None)
+    ap.add_argument("--intensity", default=None, help="per-image intensity normalisation (preprocess.INTENSITY_MODES)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="32")
     ap.add_argument("--train-on", default="healthy", choices=["healthy", "all_normals"])
     args = ap.parse_args()
     overrides = dict(kv.split("=", 1) for kv in args.set)
     overrides = {k: parse_value(v) for k, v in overrides.items()}
-    prep = {"image_size": args.image_size} if args.image_size else None
+    prep = {k: v for k, v in (("image_size", args.image_size), ("intensity", args.intensity)) if v is not None} or None
     out = args.out or os.path.join("bench_runs", f"{args.method}_{args.profile}_s{args.seed}")
     r = run_method(
         args.method, args.data, out, args.profile, args.seed, args.split_seed, args.abnormal_fraction,

@@ -4,9 +4,11 @@
     python benchmarks/val_trajectory.py bench_runs/hg_N1 healthygan cpu upsample=nearest   # a run trained with --set
 
 Scores the run's validation set (held-out healthy + validation abnormals from split.csv) with each
-snapshot in RUN/train/snapshots, beside the label-free AUCp logged during training.
+snapshot in RUN/train/snapshots, beside the label-free AUCp logged during training. Images are
+prepared as the run prepared them (its result.json), e.g. at --image-size 128 or --intensity equalize.
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -25,7 +27,10 @@ def main(run: str, method: str = "healthygan", profile: str = "cpu", *options: s
     """`options`: the run's config --set options as key=value (the networks must be built as trained)."""
     run = Path(run)
     torch.set_num_threads(1)
-    det = get_method(method).from_profile(profile, {k: parse_value(v) for k, v in (o.split("=", 1) for o in options)})
+    overrides = {k: parse_value(v) for k, v in (o.split("=", 1) for o in options)}
+    result = run / "result.json"
+    preprocessing = json.loads(result.read_text())["preprocessing"] if result.exists() else None
+    det = get_method(method).from_profile(profile, overrides, preprocessing)
     val = load_images(read_split_manifest(run / "split.csv").val, det.preprocessing, progress=False)
     for snap in sorted((run / "train" / "snapshots").glob("step_*.safetensors")):
         det.load_state_tensors(load_file(str(snap)))

@@ -8,7 +8,7 @@ from PIL import Image
 
 from scanomaly.data import ABNORMAL, NORMAL, UNKNOWN, ImageRecord, discover, load_images
 from scanomaly.errors import ScanomalyError
-from scanomaly.preprocess import Preprocessing
+from scanomaly.preprocess import Preprocessing, equalise_histogram
 
 PREP = Preprocessing(image_size=16)
 
@@ -174,3 +174,27 @@ def test_real_lgg_has_patients_and_masks(data_root):
 def test_records_are_hashable_and_named():
     r = ImageRecord("/x/y.png", index=3)
     assert r.name == "y.png#3" and len({r, ImageRecord("/x/y.png", index=3)}) == 1
+
+
+def test_histogram_equalisation_undoes_a_change_of_exposure():
+    rng = np.random.default_rng(0)
+    scan = rng.beta(2, 5, (64, 64)).astype(np.float32)  # a dark, low-contrast image
+    brighter = 0.3 + 0.6 * scan  # the same anatomy exposed / windowed differently
+    eq_scan, eq_brighter = equalise_histogram(scan), equalise_histogram(brighter)
+    assert eq_scan.dtype == np.float32 and eq_scan.min() == 0.0 and eq_scan.max() > 0.99
+    # intensities are spread evenly, and the order of pixels is kept
+    assert np.all(np.abs(np.histogram(eq_scan, bins=4, range=(0, 1))[0] / scan.size - 0.25) < 0.02)
+    order = np.argsort(scan, axis=None)
+    assert np.all(np.diff(eq_scan.ravel()[order]) >= 0)
+    # both exposures map to (nearly) the same image, which a plain rescale of the raw ones would not
+    assert np.abs(eq_scan - eq_brighter).max() < 0.03
+    assert np.abs(scan - brighter).mean() > 0.15
+    assert not equalise_histogram(np.full((8, 8), 0.4, np.float32)).any()
+
+
+def test_preprocessing_can_equalise():
+    img = np.linspace(0.2, 0.4, 32 * 32, dtype=np.float32).reshape(32, 32)
+    t = Preprocessing(image_size=16, center_crop=False, intensity="equalize").apply(img)
+    assert t.shape == (1, 16, 16) and t.min() < -0.9 and t.max() > 0.9  # stretched to the full range
+    with pytest.raises(ScanomalyError, match="intensity"):
+        Preprocessing(intensity="histogram")

@@ -15,7 +15,7 @@ from PIL import Image
 
 from .errors import ScanomalyError
 
-INTENSITY_MODES = ("none", "minmax", "percentile")
+INTENSITY_MODES = ("none", "minmax", "percentile", "equalize")
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class Preprocessing:
     channels: int = 1  # 1 for grayscale models; 3 repeats the gray channel (RGB models, pretrained backbones)
     top_crop: float = 0.0  # fraction of rows removed from the top (HealthyGAN crops 8% of chest X-rays)
     center_crop: bool = True  # crop to the central square before resizing
-    intensity: str = "none"  # "minmax" / "percentile" (1-99%) rescale each image; useful for MRI
+    intensity: str = "none"  # "minmax" / "percentile" (1-99%) rescale each image (MRI); "equalize": histogram equalisation
 
     def __post_init__(self):
         if self.image_size < 8:
@@ -83,6 +83,8 @@ class Preprocessing:
 def normalise_intensity(img: np.ndarray, mode: str) -> np.ndarray:
     if mode == "none":
         return img
+    if mode == "equalize":
+        return equalise_histogram(img)
     if mode == "minmax":
         lo, hi = float(img.min()), float(img.max())
     else:  # percentile: robust to a few hot pixels
@@ -90,6 +92,19 @@ def normalise_intensity(img: np.ndarray, mode: str) -> np.ndarray:
     if hi - lo < 1e-8:
         return np.zeros_like(img)
     return np.clip((img - lo) / (hi - lo), 0.0, 1.0)
+
+
+def equalise_histogram(img: np.ndarray, bins: int = 256) -> np.ndarray:
+    """Map each intensity to its quantile in the image (256 bins, as Pillow's ImageOps.equalize),
+    so that scans exposed or windowed differently by other sites and machines look alike."""
+    hist, edges = np.histogram(img, bins=bins, range=(0.0, 1.0))
+    occupied = np.flatnonzero(hist)
+    if len(occupied) < 2:  # (nearly) constant: nothing to spread
+        return np.zeros_like(img, dtype=np.float32)
+    cdf = np.cumsum(hist, dtype=np.float64)
+    darkest = cdf[occupied[0]]
+    cdf = (cdf - darkest) / (cdf[-1] - darkest)  # the darkest occupied bin maps to 0, the brightest to 1
+    return np.clip(np.interp(img, edges[1:], cdf), 0.0, 1.0).astype(np.float32)
 
 
 def to_unit_range(x: torch.Tensor) -> torch.Tensor:
