@@ -231,7 +231,7 @@ class HealthyGAN(ReconstructionDetector):
             "config": {},
             "preprocessing": {"image_size": 256, "channels": 3, "top_crop": 0.08},
         },
-        # ~37 minutes on 2 free CPU cores (see BENCHMARKS.md for how this trade-off was chosen)
+        # ~41 minutes on 2 free CPU cores (see BENCHMARKS.md for how this trade-off was chosen)
         "cpu": {
             # At this scale the original recipe collapses (a checkerboard texture with masks ≈ 1 that
             # fools a weak critic; validation AUROC 0.45 at 250 iterations). What made it learn, measured
