@@ -237,7 +237,7 @@ class HealthyGAN(ReconstructionDetector):
             # fools a weak critic; validation AUROC 0.45 at 250 iterations). What made it learn, measured
             # on validation data only (BENCHMARKS.md): 5 critic steps per generator step and a wider
             # critic (64→512), and masks that start small (mask_offset −1: M ≈ 0.12 at initialisation).
-            # Histogram equalisation of every scan (session 6) then lifted the validation AUROC of seed 0
+            # Histogram equalisation of every scan (BENCHMARKS.md, run EQ) then lifted the validation AUROC of seed 0
             # from 0.65 to 0.80 at 2,000 iterations, and it kept rising to 0.85 at 4,000.
             "config": {
                 "width": 32,
