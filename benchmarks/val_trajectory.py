@@ -2,10 +2,12 @@
 
     python benchmarks/val_trajectory.py bench_runs/hg_v1
     python benchmarks/val_trajectory.py bench_runs/hg_N1 healthygan cpu upsample=nearest   # a run trained with --set
+    python benchmarks/val_trajectory.py bench_runs/hg_P128EQ_s0 healthygan cpu image_size=128  # still training
 
 Scores the run's validation set (held-out healthy + validation abnormals from split.csv) with each
 snapshot in RUN/train/snapshots, beside the label-free AUCp logged during training. Images are
-prepared as the run prepared them (its result.json), e.g. at --image-size 128 or --intensity equalize.
+prepared as the run prepared them (its result.json), e.g. at --image-size 128 or --intensity equalize. A run still
+training has no result.json yet: pass its preprocessing options (image_size=128, intensity=...) too.
 """
 
 import json
@@ -18,18 +20,23 @@ from sklearn.metrics import roc_auc_score
 
 from scanomaly.data import load_images
 from scanomaly.detector import get_method
+from scanomaly.preprocess import Preprocessing
 from scanomaly.splits import read_split_manifest
 
 from run_method import parse_value  # the same KEY=VALUE reading as the runs' --set
 
 
 def main(run: str, method: str = "healthygan", profile: str = "cpu", *options: str) -> None:
-    """`options`: the run's config --set options as key=value (the networks must be built as trained)."""
+    """`options`: the run's --set options and preprocessing options as key=value (the networks must be
+    built, and the images prepared, as trained)."""
     run = Path(run)
     torch.set_num_threads(1)
-    overrides = {k: parse_value(v) for k, v in (o.split("=", 1) for o in options)}
+    options = {k: parse_value(v) for k, v in (o.split("=", 1) for o in options)}
+    prep_keys = set(Preprocessing().to_dict())
+    overrides = {k: v for k, v in options.items() if k not in prep_keys}
     result = run / "result.json"
-    preprocessing = json.loads(result.read_text())["preprocessing"] if result.exists() else None
+    preprocessing = json.loads(result.read_text())["preprocessing"] if result.exists() else {}
+    preprocessing = {**preprocessing, **{k: v for k, v in options.items() if k in prep_keys}}
     det = get_method(method).from_profile(profile, overrides, preprocessing)
     val = load_images(read_split_manifest(run / "split.csv").val, det.preprocessing, progress=False)
     for snap in sorted((run / "train" / "snapshots").glob("step_*.safetensors")):
