@@ -5,7 +5,7 @@
     python benchmarks/val_trajectory.py bench_runs/hg_P128EQ_s0 healthygan cpu image_size=128  # still training
 
 Scores the run's validation set (held-out healthy + validation abnormals from split.csv) with each
-snapshot in RUN/train/snapshots, beside the label-free AUCp logged during training. Images are
+snapshot in RUN/train/snapshots (run_method.py prints each one's label-free AUCp). Images are
 prepared as the run prepared them (its result.json), e.g. at --image-size 128 or --intensity equalize. A run still
 training has no result.json yet: pass its preprocessing options (image_size=128, intensity=...) too.
 """
