@@ -6,7 +6,6 @@ Shows whether the test cohort's normals score like the validation normals (the v
 Images are prepared as the run prepared them (its result.json).
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -15,15 +14,16 @@ import torch
 from safetensors.torch import load_file
 
 from scanomaly.data import load_images
-from scanomaly.detector import get_method
 from scanomaly.splits import read_split_manifest
 
+from val_trajectory import run_detector  # builds the run's networks and preprocessing
 
-def main(run: str, step: str, method: str = "healthygan", profile: str = "cpu") -> None:
+
+def main(run: str, step: str, method: str = "healthygan", profile: str = "cpu", *options: str) -> None:
+    """`options`: as for val_trajectory.py (the run's --set options as key=value)."""
     run = Path(run)
     torch.set_num_threads(1)
-    preprocessing = json.loads((run / "result.json").read_text())["preprocessing"]
-    det = get_method(method).from_profile(profile, {}, preprocessing)
+    det = run_detector(run, method, profile, options)
     det.load_state_tensors(load_file(str(run / "train" / "snapshots" / f"step_{int(step):07d}.safetensors")))
     manifest = read_split_manifest(run / "split.csv")
     for name in ("val", "test"):

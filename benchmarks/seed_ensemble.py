@@ -31,13 +31,17 @@ def main(*runs: str) -> None:
     for r, m in zip(runs[1:], manifests[1:]):
         if [x.path for x in m.test] != [x.path for x in first.test] or [x.path for x in m.val] != [x.path for x in first.val]:
             sys.exit(f"{r}: not the same split as {runs[0]}")
-    z, labels = {"val": [], "test": []}, {}
+    z, labels, loaded = {"val": [], "test": []}, {}, {}
     for r in runs:
         det = Detector.load(Path(r) / "model")
-        reference, _ = det.score(load_images(first.healthy_holdout, det.preprocessing, progress=False))
+        key = json.dumps(det.preprocessing.to_dict(), sort_keys=True)
+        if key not in loaded:  # runs prepared alike (e.g. seeds of one profile) share the decoded images
+            loaded[key] = {name: load_images(getattr(first, name), det.preprocessing, progress=False)
+                           for name in ("healthy_holdout", "val", "test")}
+        reference, _ = det.score(loaded[key]["healthy_holdout"])
         mu, sd = float(reference.mean()), float(reference.std()) or 1.0
         for name in z:
-            images = load_images(getattr(first, name), det.preprocessing, progress=False)
+            images = loaded[key][name]
             scores, _ = det.score(images)
             z[name].append((scores - mu) / sd)
             labels[name] = np.asarray(images.labels)

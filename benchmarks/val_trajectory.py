@@ -19,25 +19,29 @@ from safetensors.torch import load_file
 from sklearn.metrics import roc_auc_score
 
 from scanomaly.data import load_images
-from scanomaly.detector import get_method
+from scanomaly.detector import Detector, get_method
 from scanomaly.preprocess import Preprocessing
 from scanomaly.splits import read_split_manifest
 
 from run_method import parse_value  # the same KEY=VALUE reading as the runs' --set
 
 
-def main(run: str, method: str = "healthygan", profile: str = "cpu", *options: str) -> None:
-    """`options`: the run's --set options and preprocessing options as key=value (the networks must be
-    built, and the images prepared, as trained)."""
-    run = Path(run)
-    torch.set_num_threads(1)
+def run_detector(run: Path, method: str, profile: str, options) -> Detector:
+    """An untrained detector built as `run` was, to load its snapshots into. `options`: the run's --set options
+    and preprocessing options as key=value strings; its result.json, once written, supplies the preprocessing."""
     options = {k: parse_value(v) for k, v in (o.split("=", 1) for o in options)}
     prep_keys = set(Preprocessing().to_dict())
     overrides = {k: v for k, v in options.items() if k not in prep_keys}
     result = run / "result.json"
     preprocessing = json.loads(result.read_text())["preprocessing"] if result.exists() else {}
     preprocessing = {**preprocessing, **{k: v for k, v in options.items() if k in prep_keys}}
-    det = get_method(method).from_profile(profile, overrides, preprocessing)
+    return get_method(method).from_profile(profile, overrides, preprocessing)
+
+
+def main(run: str, method: str = "healthygan", profile: str = "cpu", *options: str) -> None:
+    run = Path(run)
+    torch.set_num_threads(1)
+    det = run_detector(run, method, profile, options)
     val = load_images(read_split_manifest(run / "split.csv").val, det.preprocessing, progress=False)
     for snap in sorted((run / "train" / "snapshots").glob("step_*.safetensors")):
         det.load_state_tensors(load_file(str(snap)))
