@@ -33,6 +33,8 @@ def poolings(x: torch.Tensor, healthy: torch.Tensor, mask: torch.Tensor) -> dict
         "mean of (x - x')+ (brightness removed)": diff.clamp(min=0).flatten(1).mean(1),
         "mean |x - x'|, centre (borders dropped)": absd[:, b:-b, b:-b].flatten(1).mean(1),
         "mean of top 1% |x - x'|": flat.topk(k, dim=1).values.mean(1),
+        "mean of top 10% |x - x'|": flat.topk(max(1, flat.shape[1] // 10), dim=1).values.mean(1),
+        "mean |blur(x - x')| (3x3 box: pixel noise cancels)": torch.nn.functional.avg_pool2d(diff[:, None], 3, 1, 1).abs().flatten(1).mean(1),
         "mean mask M": mask.flatten(1).mean(1),
     }
 

@@ -210,6 +210,7 @@ class HealthyGANConfig:
     lr_decay_fraction: float = 0.25
     ema_decay: float = 0.999  # scoring uses the EMA generator; 0 scores the raw generator
     hflip: bool = True
+    frame_jitter: float = 0.0  # random zoom / shift of training scans by up to this fraction (not in the original)
     checkpoint_every: int = 10_000
     sample_every: int = 10_000
     selection: str = "aucp"  # "aucp": keep the checkpoint with the best pseudo-AUC; "last": the final one

@@ -5,7 +5,8 @@ is one loss, minimised by one optimizer over some modules, every `every` iterati
 n_critic is a critic phase every iteration and a generator phase every 2nd or 5th). The loop
 does everything else, once for all methods:
 
-- batches from in-memory tensors, reshuffled each epoch by a seeded generator, optional flips;
+- batches from in-memory tensors, reshuffled each epoch by a seeded generator, optional flips and
+  random re-framing (zoom and shift);
 - data-parallel training on several processes (torchrun; see `scanomaly.distributed`): each phase's
   networks are wrapped in DistributedDataParallel, each rank trains on its slice of the global batch,
   rank 0 writes checkpoints, logs and samples, every rank resumes from the same checkpoint;
@@ -63,6 +64,7 @@ class LoopSettings:
     lr_decay_fraction: float = 0.25  # decay linearly to 0 over this last fraction of iterations
     ema_decay: float = 0.999
     hflip: bool = True
+    frame_jitter: float = 0.0  # random zoom and shift of each training image by up to this fraction (0 = off)
     checkpoint_every: int = 500
     sample_every: int = 500
     log_every: int = 25
@@ -122,11 +124,15 @@ class BatchStream:
     """
 
     def __init__(self, sets: dict[str, torch.Tensor], batch_size: int, seed: int, hflip: bool,
-                 world: distributed.World = distributed.World(), pin_memory: bool = False):
+                 world: distributed.World = distributed.World(), pin_memory: bool = False,
+                 frame_jitter: float = 0.0):
         for name, t in sets.items():
             if len(t) == 0:
                 raise ScanomalyError(f"training set {name!r} has no images")
+        if not 0.0 <= frame_jitter < 0.5:
+            raise ScanomalyError(f"frame_jitter must be in [0, 0.5), got {frame_jitter}")
         self.sets, self.batch_size, self.hflip = sets, batch_size, hflip
+        self.frame_jitter = frame_jitter
         self.shard = world.shard(batch_size)
         self.pin_memory = pin_memory  # page-locked batches copy to a GPU asynchronously
         self.generator = torch.Generator().manual_seed(seed)
@@ -150,6 +156,8 @@ class BatchStream:
             if self.hflip:  # drawn for the global batch on every rank, so the generators stay equal
                 flip = (torch.rand(len(idx), generator=self.generator) < 0.5)[self.shard]
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            if self.frame_jitter > 0:  # drawn only when on, so runs without it keep their RNG stream
+                x = reframe(x, torch.rand(len(idx), 3, generator=self.generator)[self.shard], self.frame_jitter)
             batch[name] = x.pin_memory() if self.pin_memory else x
         return batch
 
@@ -165,6 +173,23 @@ class BatchStream:
         self.generator.set_state(state["generator"])
         self.epoch, self.pos = dict(state["epoch"]), dict(state["pos"])
         self.perm = {k: v.clone() for k, v in state["perm"].items()}
+
+
+def reframe(x: torch.Tensor, u: torch.Tensor, jitter: float) -> torch.Tensor:
+    """Zoom each image by a factor in [1 - jitter, 1 + jitter] and shift it by up to `jitter` of its
+    size in each direction; `u` holds three uniform [0, 1) draws per image (zoom, shift x, shift y).
+
+    Scans of one body part differ in framing from site to site (how much of the shoulders, neck and
+    abdomen is in the film); training on re-framed copies teaches a model that framing is not disease.
+    Edges are extended (border padding), not filled with black, which would look like a film edge.
+    """
+    zoom = 1.0 + jitter * (2 * u[:, 0] - 1)
+    shift = jitter * (2 * u[:, 1:] - 1) * 2  # affine_grid coordinates span [-1, 1]: 2 units per image
+    theta = torch.zeros(len(x), 2, 3, dtype=x.dtype, device=x.device)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0 / zoom.to(x.dtype)
+    theta[:, :, 2] = shift.to(x.dtype)
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,7 +271,7 @@ class GANTrainer:
         self.sample_batch = sample_batch
         self.world = distributed.world()
         self.stream = BatchStream(sets, settings.batch_size, settings.seed, settings.hflip, self.world,
-                                  pin_memory=self.device.type == "cuda")
+                                  pin_memory=self.device.type == "cuda", frame_jitter=settings.frame_jitter)
         self._ddp: dict[str, nn.Module] = {}  # phase name -> its DistributedDataParallel wrapper
         # ema_decay 0: score with the raw networks
         ema_names = task.ema_modules if settings.ema_decay > 0 else ()
