@@ -180,7 +180,8 @@ def reframe(x: torch.Tensor, u: torch.Tensor, jitter: float) -> torch.Tensor:
     size in each direction; `u` holds three uniform [0, 1) draws per image (zoom, shift x, shift y).
 
     Scans of one body part differ in framing from site to site (how much of the shoulders, neck and
-    abdomen is in the film); training on re-framed copies teaches a model that framing is not disease.
+    abdomen is in the film); training on re-framed copies is meant to teach a model that framing is not
+    disease (at the cpu budget it slowed HealthyGAN's learning instead: BENCHMARKS.md, session 10).
     Edges are extended (border padding), not filled with black, which would look like a film edge.
     """
     zoom = 1.0 + jitter * (2 * u[:, 0] - 1)
