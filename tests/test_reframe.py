@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from scanomaly import distributed
 from scanomaly.errors import ScanomalyError
 from scanomaly.methods.healthygan import HealthyGAN
 from scanomaly.training.loop import BatchStream, reframe
@@ -56,15 +55,6 @@ def test_batch_stream_without_jitter_is_unchanged_and_with_it_resumes_exactly():
         r = resumed.next()
         for k in data:
             torch.testing.assert_close(r[k], e[k], rtol=0, atol=0)
-
-
-def test_jittered_shards_are_the_one_process_batch():
-    data = {"a": blobs(10, seed=3)}
-    one = BatchStream(data, 4, seed=7, hflip=True, frame_jitter=0.1)
-    halves = [BatchStream(data, 4, seed=7, hflip=True, frame_jitter=0.1, world=distributed.World(r, 2)) for r in (0, 1)]
-    for _ in range(3):
-        whole = one.next()["a"]
-        torch.testing.assert_close(torch.cat([h.next()["a"] for h in halves]), whole, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("jitter", [-0.1, 0.5])
