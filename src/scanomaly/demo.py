@@ -20,7 +20,7 @@ from .metrics import format_metrics_table
 from .splits import read_split_manifest
 from .viz import save_heatmap_panel
 
-DEMO_ITERATIONS = 300  # ~3-4 minutes on 2 cores at 64 px; the full cpu profile runs 4000
+DEMO_ITERATIONS = 300  # ~3 minutes on 2 cores at 64 px; the full cpu profile runs 2800
 
 
 def demo_data_dir() -> Path:
