@@ -110,3 +110,11 @@ def test_end_to_end_on_real_chest_xrays(profile):
     scores, maps = det.score(test, batch_size=3)
     assert scores.shape == (4,) and np.isfinite(scores).all()
     assert maps.shape == (4, size, size) and np.isfinite(maps).all() and (maps >= 0).all()
+
+
+def test_fitted_gaussians_have_the_layout_a_loaded_model_has():
+    # a column-major inverse factor scores 1 ulp differently from the row-major one read back from disk
+    acc = GaussianAccumulator(8, 16, torch.device("cpu"))
+    acc.update(torch.rand(5, 8, 16))
+    mean, inv_chol = acc.finalize(0.01)
+    assert mean.is_contiguous() and inv_chol.is_contiguous()

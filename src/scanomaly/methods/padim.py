@@ -80,7 +80,9 @@ class GaussianAccumulator:
         chol = torch.linalg.cholesky(cov)
         eye = torch.eye(d, dtype=cov.dtype, device=cov.device).expand_as(cov)
         inv_chol = torch.linalg.solve_triangular(chol, eye, upper=False)
-        return mean.float(), inv_chol.float()
+        # contiguous: LAPACK returns column-major factors, a loaded model has row-major ones, and bmm on the two
+        # layouts rounds differently in the last bit; one layout keeps fitted and loaded scores identical
+        return mean.float().contiguous(), inv_chol.float().contiguous()
 
 
 def mahalanobis(emb: torch.Tensor, mean: torch.Tensor, inv_chol: torch.Tensor) -> torch.Tensor:
