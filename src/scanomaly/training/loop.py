@@ -340,9 +340,10 @@ class GANTrainer:
             e.load_state_dict(state["ema"][k])
         self.scaler.load_state_dict(state["scaler"])
         self.stream.load_state_dict(state["stream"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        # RNG states are CPU byte tensors, but torch.load(map_location=cuda) moved them to the GPU
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        if len(state["rng"]["cuda"]) and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
         _set_numpy_rng_state(state["rng"]["numpy"])
         _set_python_rng_state(state["rng"]["python"])
         self.best_metric, self.best_step = state["best_metric"], state["best_step"]
