@@ -17,8 +17,8 @@ scoring uses an exponential moving average of the generator's weights; the criti
 width follow the image size; and the scoring checkpoint can be chosen label-free by AUCp (the
 authors' pseudo-AUC of held-out healthy scans against the unlabeled pool). The cpu profile also
 histogram-equalises every scan, so that exposure differences do not pass for disease at 64 px,
-and weights the identity term 5x (the paper: 1), which keeps the original's masks (0.5 at the
-start) from losing the game to the critic at this scale.
+and weights the identity term 5x (the paper: 1), with which the original's masks (0.5 at the
+start) learn better than masks that start small (BENCHMARKS.md, session 12).
 """
 
 from __future__ import annotations
@@ -247,8 +247,8 @@ class HealthyGAN(ReconstructionDetector):
             # that 4,000 iterations at 5 critic steps spent on 800. The betas and the schedule are the paper's.
             # A GPU sweep of cost-matched variants (run OFF0ID5) then brought back the original's masks
             # (0.5 at initialisation, mask_offset 0): the highest validation AUROC of any variant, but one
-            # seed in five lost the game; a 5x identity weight on B kept the translation anchored, and on
-            # the CPU it lifted validation from 0.848 to 0.894 over three seeds.
+            # seed in five lost the game; a 5x identity weight on B anchors the translation. On the CPU the
+            # pair lifted validation from 0.848 to 0.894 over three seeds (test only 0.767 -> 0.773).
             "config": {
                 "lr": 3e-4,
                 "width": 32,
