@@ -157,6 +157,16 @@ def test_aucp_selection_keeps_best_checkpoint(tmp_path):
     assert list((tmp_path / "samples").glob("*.png"))
 
 
+def test_selection_last_keeps_the_final_weights(tmp_path):
+    xb, xa, hold = blobs(20, seed=1), blobs(20, seed=2), blobs(8, seed=3)
+    last = tiny(iterations=30, checkpoint_every=10, selection="last").fit(xb, xa, holdout=hold, work_dir=tmp_path / "last", progress=False)
+    extra = last.extra_state()
+    assert extra["selected_step"] == 30 and extra["aucp_history"] == [] and extra["aucp"] is None
+    picked = tiny(iterations=30, checkpoint_every=10).fit(xb, xa, holdout=hold, work_dir=tmp_path / "aucp", progress=False)
+    assert picked.extra_state()["selected_step"] < 30  # this seed's AUCp peaks early: the two rules keep different weights
+    assert not np.allclose(last.score(xa)[0], picked.score(xa)[0])
+
+
 def test_small_aucp_pool_warns_and_large_one_does_not(tmp_path):
     # 10 healthy -> 1 held out; 10 unlabeled -> 1 held out: AUCp would rank two images
     with pytest.warns(UserWarning, match=r"only 1 held-out healthy and 1 held-out unlabeled"):
