@@ -167,6 +167,18 @@ def test_selection_last_keeps_the_final_weights(tmp_path):
     assert not np.allclose(last.score(xa)[0], picked.score(xa)[0])
 
 
+def test_fit_with_and_without_a_work_dir_selects_the_same_model(tmp_path):
+    # AUCp's choice travels back from the trainer in memory: without a work folder the detector must score with the
+    # selected checkpoint too, not with the last EMA weights
+    xb, xa, hold = blobs(20, seed=1), blobs(20, seed=2), blobs(8, seed=3)
+    on_disk = tiny(iterations=30, checkpoint_every=10).fit(xb, xa, holdout=hold, work_dir=tmp_path / "run", progress=False)
+    in_memory = tiny(iterations=30, checkpoint_every=10).fit(xb, xa, holdout=hold, progress=False)
+    last = tiny(iterations=30, checkpoint_every=10, selection="last").fit(xb, xa, holdout=hold, progress=False)
+    assert in_memory.extra_state()["selected_step"] == on_disk.extra_state()["selected_step"] < 30
+    np.testing.assert_array_equal(in_memory.score(xa)[0], on_disk.score(xa)[0])
+    assert not np.allclose(in_memory.score(xa)[0], last.score(xa)[0])  # the last weights are another model
+
+
 def test_small_aucp_pool_warns_and_large_one_does_not(tmp_path):
     # 10 healthy -> 1 held out; 10 unlabeled -> 1 held out: AUCp would rank two images
     with pytest.warns(UserWarning, match=r"only 1 held-out healthy and 1 held-out unlabeled"):

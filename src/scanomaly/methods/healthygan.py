@@ -322,18 +322,12 @@ class HealthyGAN(ReconstructionDetector):
         trainer = GANTrainer(task, {"a": x_a, "b": x_b}, settings, work_dir, self.device, progress, evaluate, sample)
         self.train_result = trainer.fit()
         self.scoring_generator = trainer.scoring_modules()["generator"]
-        if evaluate is not None and work_dir is not None and self.train_result.best_step is not None:
-            self._load_best(work_dir)
+        best = self.train_result.best_state
+        if evaluate is not None and best is not None:  # AUCp's choice, handed back in memory by the trainer
+            self.scoring_generator.load_state_dict(
+                {k[len("generator."):]: v for k, v in best.items() if k.startswith("generator.")})
         self.scoring_generator.eval()
         return self
-
-    def _load_best(self, work_dir) -> None:
-        from pathlib import Path
-
-        from safetensors.torch import load_file
-
-        best = load_file(str(Path(work_dir) / "best.safetensors"))
-        self.scoring_generator.load_state_dict({k[len("generator."):]: v for k, v in best.items() if k.startswith("generator.")})
 
     @torch.no_grad()
     def _aucp(self, generator, healthy_holdout, unlabeled_pool) -> float:

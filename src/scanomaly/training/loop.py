@@ -36,7 +36,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .. import distributed
@@ -44,6 +44,7 @@ from ..errors import ScanomalyError, TrainingDiverged
 from ..nn.blocks import EMA
 
 CHECKPOINT = "checkpoint.pt"
+BEST = "best.safetensors"  # the scoring weights of the best-evaluated checkpoint
 
 
 @dataclass
@@ -248,6 +249,9 @@ class TrainResult:
     best_step: int | None = None
     best_metric: float | None = None
     history: list[dict] = field(default_factory=list)  # per-checkpoint evaluations
+    # the scoring modules' weights at `best_step` ({"module.param": tensor}), in memory whether or not the run
+    # has a work folder; None without an evaluation
+    best_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
 
 class GANTrainer:
@@ -281,6 +285,7 @@ class GANTrainer:
         self.step = 0
         self.best_metric: float | None = None
         self.best_step: int | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None  # the scoring modules at best_step
         self.history: list[dict] = []
         # loop time credited by the checkpoint this run resumed from (time spent before a kill on iterations
         # after the last checkpoint is redone, so it is not counted)
@@ -348,6 +353,10 @@ class GANTrainer:
         _set_python_rng_state(state["rng"]["python"])
         self.best_metric, self.best_step = state["best_metric"], state["best_step"]
         self.history = list(state["history"])
+        best_file = self.work_dir / BEST if self.work_dir is not None else None
+        if self.best_step is not None and best_file is not None and best_file.is_file():
+            # the best weights of the checkpoints before the resume (every rank reads the same file)
+            self.best_state = {k: v.to(self.device) for k, v in load_file(str(best_file)).items()}
         self.earlier_seconds = float(state.get("seconds", 0.0))  # absent in checkpoints written before it was kept
 
     def save_checkpoint(self) -> None:
@@ -500,6 +509,7 @@ class GANTrainer:
             best_step=self.best_step,
             best_metric=self.best_metric,
             history=self.history,
+            best_state=self.best_state,
         )
 
     def _sync_buffers(self) -> None:
@@ -534,9 +544,11 @@ class GANTrainer:
         self.history.append({"step": self.step, "metric": metric})
         if self.best_metric is None or metric > self.best_metric:
             self.best_metric, self.best_step = metric, self.step
+            # every rank keeps the best weights in memory (the ranks' modules are identical); the file is for resuming
+            self.best_state = {k: v.detach().clone() for k, v in flat_state(mods).items()}
             if self._writes:
-                _atomic_safetensors(flat_state(mods), self.work_dir / "best.safetensors")
-        distributed.barrier()  # best.safetensors is complete before any rank may read it
+                _atomic_safetensors(self.best_state, self.work_dir / BEST)
+        distributed.barrier()  # best.safetensors is complete before any rank may resume from it
         if self.progress and self.world.is_main:
             bar.write(f"iteration {self.step}: checkpoint metric {metric:.4f} (best {self.best_metric:.4f} at {self.best_step})")
 
