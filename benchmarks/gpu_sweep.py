@@ -118,7 +118,7 @@ def train_one(job) -> dict:
 
 
 def sweep(args) -> None:
-    from run_method import parse_value
+    from scanomaly.options import parse_value
 
     extra = {k: parse_value(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     jobs = [(args.data, v, s, args.device, args.precision, extra) for v in args.variants for s in args.seeds]

@@ -23,7 +23,7 @@ from scanomaly.detector import Detector, get_method
 from scanomaly.preprocess import Preprocessing
 from scanomaly.splits import read_split_manifest
 
-from run_method import parse_value  # the same KEY=VALUE reading as the runs' --set
+from scanomaly.options import parse_value  # the same KEY=VALUE reading as the runs' --set
 
 
 def run_detector(run: Path, method: str, profile: str, options) -> Detector:

@@ -21,7 +21,10 @@ from scanomaly.cli import main
 from scanomaly.detector import Detector, as_tensor, available_methods, get_method
 from scanomaly.errors import ScanomalyError
 from scanomaly.splits import read_split_manifest
-from scanomaly.suite import TABLES, method_overrides, run_benchmark
+from scanomaly.benchmark import run_benchmark
+from scanomaly.report import build_report
+from scanomaly.options import method_overrides
+from scanomaly.results import TABLES
 
 from conftest import make_tiny_tree
 
@@ -184,6 +187,7 @@ def tiny_bench(tmp_path_factory, fake_methods):
     methods = ["healthygan", one_class_method(), SuiteBroken.name]
     out = root / "bench"
     results = run_benchmark(data, methods, out, profile="tiny", seeds=1, **FAST)
+    build_report(out)  # as `scanomaly benchmark` does after the runs
     return data, out, methods, results
 
 
@@ -247,7 +251,7 @@ def test_resume_skips_finished_runs(tiny_bench, monkeypatch):
         return real(method, *args, **kwargs)
 
     monkeypatch.setattr(benchmark, "run_method", counting)
-    again = run_benchmark(data, methods, out, profile="tiny", seeds=1, report=False, **FAST)
+    again = run_benchmark(data, methods, out, profile="tiny", seeds=1, **FAST)
     assert calls == [SuiteBroken.name]  # only the unfinished (failed) run is tried again
     assert [r["resumed"] for r in again["runs"]] == [True, True, False]
     for a, b in zip(first["runs"][:2], again["runs"][:2]):
@@ -264,7 +268,7 @@ def test_resume_skips_finished_runs(tiny_bench, monkeypatch):
 def test_seeds_give_mean_and_std_and_one_class_training_sets(tmp_path):
     data = make_tiny_tree(tmp_path / "data", n=12, size=16)
     SuiteMean.fits.clear()
-    results = run_benchmark(data, SuiteMean.name, tmp_path / "b", profile="tiny", seeds=3, report=False, **FAST)
+    results = run_benchmark(data, SuiteMean.name, tmp_path / "b", profile="tiny", seeds=3, **FAST)
     split = read_split_manifest(tmp_path / "b" / "split.csv")
     assert SuiteMean.fits == [(0, len(split.healthy)), (1, len(split.healthy)), (2, len(split.healthy))]
     aurocs = [r["metrics"]["auroc"] for r in results["runs"]]
@@ -276,8 +280,7 @@ def test_seeds_give_mean_and_std_and_one_class_training_sets(tmp_path):
 
     # the ceiling: one-class methods train on every training normal
     SuiteMean.fits.clear()
-    run_benchmark(data, [SuiteMean.name], tmp_path / "c", profile="tiny", seeds=1, one_class_train="all_normals",
-                  report=False, **FAST)
+    run_benchmark(data, [SuiteMean.name], tmp_path / "c", profile="tiny", seeds=1, one_class_train="all_normals", **FAST)
     n_normals = len(split.healthy) + len(split.healthy_holdout) + sum(r.label == 0 for r in split.unlabeled)
     assert SuiteMean.fits == [(0, n_normals)] and n_normals > len(split.healthy)
 
@@ -298,7 +301,7 @@ def test_interrupted_benchmark_resumes_where_it_stopped(tmp_path, monkeypatch):
         run_benchmark(data, SuiteMean.name, out, profile="tiny", seeds=3, **FAST)
     saved = json.loads((out / "results.json").read_text())
     assert [(r["seed"], r["status"]) for r in saved["runs"]] == [(0, "ok")]
-    results = run_benchmark(data, SuiteMean.name, out, profile="tiny", seeds=3, report=False, **FAST)
+    results = run_benchmark(data, SuiteMean.name, out, profile="tiny", seeds=3, **FAST)
     assert calls == [0, 1, 1, 2]
     assert [(r["seed"], r["status"], r["resumed"]) for r in results["runs"]] == [(0, "ok", True), (1, "ok", False),
                                                                                  (2, "ok", False)]
@@ -306,13 +309,13 @@ def test_interrupted_benchmark_resumes_where_it_stopped(tmp_path, monkeypatch):
     lines = (out / SuiteMean.name / "seed2" / "split.csv").read_text().splitlines()
     (out / SuiteMean.name / "seed2" / "split.csv").write_text("\n".join(lines[:-1]) + "\n")
     with pytest.raises(ScanomalyError, match="another split"):
-        run_benchmark(data, SuiteMean.name, out, profile="tiny", seeds=3, report=False, **FAST)
+        run_benchmark(data, SuiteMean.name, out, profile="tiny", seeds=3, **FAST)
 
 
 def test_set_options_are_checked_per_run(tmp_path, monkeypatch):
     data = make_tiny_tree(tmp_path / "data", n=12, size=16)
     out, pair = tmp_path / "b", [SuiteMean.name, SuiteBroken.name]
-    run_benchmark(data, SuiteMean.name, out, profile="tiny", report=False, config_overrides={"gain": 2.0}, **FAST)
+    run_benchmark(data, SuiteMean.name, out, profile="tiny", config_overrides={"gain": 2.0}, **FAST)
     recorded = json.loads((out / SuiteMean.name / "seed0" / "options.json").read_text())
     assert recorded == {"config": {"gain": 2.0}, "preprocessing": {}}
 
@@ -321,7 +324,7 @@ def test_set_options_are_checked_per_run(tmp_path, monkeypatch):
     real = benchmark.run_method
     monkeypatch.setattr(benchmark, "run_method", lambda m, *a, **k: calls.append((m, k["config_overrides"])) or real(m, *a, **k))
     both = {"gain": 2.0, f"{SuiteBroken.name}.iterations": 3}
-    results = run_benchmark(data, pair, out, profile="tiny", report=False, config_overrides=both, **FAST)
+    results = run_benchmark(data, pair, out, profile="tiny", config_overrides=both, **FAST)
     assert calls == [(SuiteBroken.name, {"gain": 2.0, "iterations": 3})]
     assert [r["resumed"] for r in results["runs"]] == [True, False]
     text = (out / "results.md").read_text()
@@ -329,21 +332,22 @@ def test_set_options_are_checked_per_run(tmp_path, monkeypatch):
 
     # an option that changes a run already trained: refused before anything runs
     with pytest.raises(ScanomalyError, match="other --set options"):
-        run_benchmark(data, pair, out, profile="tiny", report=False, config_overrides={"gain": 5.0}, **FAST)
+        run_benchmark(data, pair, out, profile="tiny", config_overrides={"gain": 5.0}, **FAST)
     assert len(calls) == 1
 
     # a run folder from before options.json existed is judged by results.json, and gets its record
     (out / SuiteMean.name / "seed0" / "options.json").unlink()
     with pytest.raises(ScanomalyError, match="other --set options"):
-        run_benchmark(data, SuiteMean.name, out, profile="tiny", report=False, config_overrides={"gain": 5.0}, **FAST)
-    run_benchmark(data, SuiteMean.name, out, profile="tiny", report=False, config_overrides={"gain": 2.0}, **FAST)
+        run_benchmark(data, SuiteMean.name, out, profile="tiny", config_overrides={"gain": 5.0}, **FAST)
+    run_benchmark(data, SuiteMean.name, out, profile="tiny", config_overrides={"gain": 2.0}, **FAST)
     assert json.loads((out / SuiteMean.name / "seed0" / "options.json").read_text()) == recorded
     assert len(calls) == 1
 
 
 def test_unknown_method_fails_alone(tmp_path):
     data = make_tiny_tree(tmp_path / "data", n=12, size=16)
-    results = run_benchmark(data, f"no_such_method,{SuiteMean.name}", tmp_path / "b", profile="tiny", report=True, **FAST)
+    results = run_benchmark(data, f"no_such_method,{SuiteMean.name}", tmp_path / "b", profile="tiny", **FAST)
+    build_report(tmp_path / "b")
     status = {r["method"]: (r["status"], r["error"]) for r in results["runs"]}
     assert status[SuiteMean.name] == ("ok", None)
     assert status["no_such_method"][0] == "failed" and "unknown method" in status["no_such_method"][1]
@@ -413,21 +417,21 @@ def test_benchmark_on_real_chest_xrays(data_root, tmp_path):
     assert results["split"]["test"] == {"n": 16, "normal": 8, "abnormal": 8, "patients": 0}
     assert results["split"]["healthy"]["n"] + results["split"]["healthy_holdout"]["n"] == 8
     check_markdown_matches_json(tmp_path / "bench")
-    parser = check_self_contained_html(tmp_path / "bench" / "report.html")
+    parser = check_self_contained_html(build_report(tmp_path / "bench"))
     assert [a.get("alt") for tag, a in parser.attrs if tag == "img"] == ["ROC curves", "score histograms", "gallery"]
 
 
 def test_failed_run_may_be_retried_with_other_options(tmp_path, monkeypatch):
     data = make_tiny_tree(tmp_path / "data", n=12, size=16)
     out = tmp_path / "b"
-    first = run_benchmark(data, SuiteBroken.name, out, profile="tiny", report=False,
+    first = run_benchmark(data, SuiteBroken.name, out, profile="tiny",
                           config_overrides={"gain": 2.0}, **FAST)
     assert first["runs"][0]["status"] == "failed"
     run_dir = out / SuiteBroken.name / "seed0"
     assert (run_dir / "split.csv").is_file()  # it got as far as its folder, but trained nothing
 
     # nothing to resume, so other options are fine: it runs again under them
-    again = run_benchmark(data, SuiteBroken.name, out, profile="tiny", report=False,
+    again = run_benchmark(data, SuiteBroken.name, out, profile="tiny",
                           config_overrides={"gain": 3.0}, **FAST)
     assert again["runs"][0]["status"] == "failed" and again["runs"][0]["resumed"] is False
     assert json.loads((run_dir / "options.json").read_text())["config"] == {"gain": 3.0}
@@ -436,4 +440,4 @@ def test_failed_run_may_be_retried_with_other_options(tmp_path, monkeypatch):
     (run_dir / "train").mkdir()
     (run_dir / "train" / "checkpoint.pt").write_bytes(b"")
     with pytest.raises(ScanomalyError, match="other --set options"):
-        run_benchmark(data, SuiteBroken.name, out, profile="tiny", report=False, config_overrides={"gain": 4.0}, **FAST)
+        run_benchmark(data, SuiteBroken.name, out, profile="tiny", config_overrides={"gain": 4.0}, **FAST)

@@ -76,6 +76,7 @@ class Detector(abc.ABC):
     name: ClassVar[str] = ""
     Config: ClassVar[type] = object
     needs_unlabeled: ClassVar[bool] = False  # True for HealthyGAN (trains on healthy + mixed)
+    takes_holdout: ClassVar[bool] = False  # True where fit takes holdout= (held-out healthy images, e.g. for AUCp)
     distributed_training: ClassVar[bool] = False  # True for the GANs: they train in training.loop, torchrun-ready
     # named settings: {"cpu": {"config": {...}, "preprocessing": {...}}, "paper": {...}, "tiny": {...}}
     profiles: ClassVar[dict[str, dict]] = {}

@@ -228,6 +228,7 @@ class HealthyGAN(ReconstructionDetector):
     distributed_training = True
     Config = HealthyGANConfig
     needs_unlabeled = True
+    takes_holdout = True
     profiles = {
         # the original: 256 px RGB, width 64, 2048-channel critic, 400k iterations on a GPU
         "paper": {
