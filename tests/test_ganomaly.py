@@ -137,10 +137,10 @@ def test_forced_collapse_inside_the_training_loop_reinitialises(monkeypatch):
         return loss, logs
 
     monkeypatch.setattr(GANomalyTask, "loss", collapsing)
-    from scanomaly.training.loop import GANTrainer, LoopSettings
+    from scanomaly.training.loop import GANTrainer, LoopConfig
 
     before = det.discriminator.features[0].weight.clone()
-    GANTrainer(task, {"x": blobs(8)}, LoopSettings(iterations=2, batch_size=4), progress=False).fit()
+    GANTrainer(task, {"x": blobs(8)}, LoopConfig(iterations=2, batch_size=4), progress=False).fit()
     assert task.reinitialisations == 2
     assert not torch.equal(before, det.discriminator.features[0].weight)
 

@@ -350,6 +350,13 @@ def config_from_dict(config_cls, d: dict):
     if not is_dataclass(config_cls):
         return config_cls()
     known = {f.name for f in fields(config_cls)}
+    # options this version no longer has: accepted (and dropped) at the value the code now behaves as
+    retired = {k: v for k, v in getattr(config_cls, "retired_options", {}).items() if k in d and k not in known}
+    for key, kept in retired.items():
+        if d[key] != kept:
+            raise ScanomalyError(f"{config_cls.__qualname__} option {key}={d[key]!r} is no longer supported "
+                                 f"(this version always behaves as {key}={kept!r})")
+    d = {k: v for k, v in d.items() if k not in retired}
     unknown = set(d) - known
     if unknown:
         raise ScanomalyError(f"unknown {config_cls.__qualname__} option(s): {sorted(unknown)}")
