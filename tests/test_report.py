@@ -3,66 +3,33 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 
 import pytest
-import torch
 
-from scanomaly import detector
 from scanomaly.pipeline import run_method
-from scanomaly.detector import Detector, as_tensor
+from scanomaly.detector import Detector
 from scanomaly.errors import ScanomalyError
 from scanomaly.report import build_report
 from scanomaly.scores_csv import read_scores_csv
 from scanomaly.benchmark import run_benchmark
 from scanomaly.results import results_markdown, summarize, summary_tables
 
-from conftest import make_tiny_tree
+from conftest import MeanDetector, make_tiny_tree, registered
 from test_suite import check_self_contained_html, parse_markdown_tables
 
 
-@dataclass
-class ReportConfig:
-    seed: int = 0
-
-
-class ReportMean(Detector):
-    """Distance to the mean healthy image; its reconstruction is that mean image."""
-
+class ReportMean(MeanDetector):
     name = "_report_mean"
-    Config = ReportConfig
-    profiles = {"tiny": {"preprocessing": {"image_size": 16}}}
-
-    def fit(self, healthy, unlabeled=None, **kwargs):
-        x = as_tensor(healthy)
-        self.mean_image = x.mean(0) + 0.1 * torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(self.config.seed))
-        return self
-
-    def score(self, images, batch_size: int = 64):
-        maps = (as_tensor(images) - self.mean_image).abs().mean(1)
-        return maps.flatten(1).mean(1).numpy(), maps.numpy()
-
-    def reconstruct(self, images, batch_size: int = 64):
-        return self.mean_image.expand_as(as_tensor(images)).numpy()
-
-    def state_tensors(self):
-        return {"mean_image": self.mean_image}
-
-    def load_state_tensors(self, tensors):
-        self.mean_image = tensors["mean_image"]
 
 
-class ReportOther(ReportMean):
+class ReportOther(MeanDetector):
     name = "_report_other"
 
 
 @pytest.fixture(autouse=True, scope="module")
 def fake_methods():
-    for cls in (ReportMean, ReportOther):
-        detector.register(cls)
-    yield
-    for cls in (ReportMean, ReportOther):
-        detector._REGISTRY.pop(cls.name, None)
+    with registered(ReportMean, ReportOther):
+        yield
 
 
 FAST = {"n_bootstrap": 20, "progress": False}

@@ -9,16 +9,14 @@ import csv
 import json
 import os
 import re
-from dataclasses import dataclass
 from html.parser import HTMLParser
 
 import numpy as np
 import pytest
-import torch
 
-from scanomaly import benchmark, detector
+from scanomaly import benchmark
 from scanomaly.cli import main
-from scanomaly.detector import Detector, as_tensor, available_methods, get_method
+from scanomaly.detector import available_methods, get_method
 from scanomaly.errors import ScanomalyError
 from scanomaly.splits import read_split_manifest
 from scanomaly.benchmark import run_benchmark
@@ -26,7 +24,7 @@ from scanomaly.report import build_report
 from scanomaly.options import method_overrides
 from scanomaly.results import TABLES
 
-from conftest import make_tiny_tree
+from conftest import MeanDetector, make_tiny_tree, registered
 
 FAST = {"n_bootstrap": 30, "progress": False}
 
@@ -34,37 +32,9 @@ FAST = {"n_bootstrap": 30, "progress": False}
 # ------------------------------------------------------------------------------------------
 # fake methods
 # ------------------------------------------------------------------------------------------
-@dataclass
-class FakeConfig:
-    iterations: int = 1
-    seed: int = 0
-    gain: float = 1.0
-
-
-class SuiteMean(Detector):
-    """Distance to the mean healthy image, perturbed by the seed (so seeds differ)."""
-
+class SuiteMean(MeanDetector):
     name = "_suite_mean"
-    Config = FakeConfig
     profiles = {"tiny": {"preprocessing": {"image_size": 16}}, "cpu": {"preprocessing": {"image_size": 16}}}
-    fits: list = []  # (seed, number of training images)
-
-    def fit(self, healthy, unlabeled=None, **kwargs):
-        x = as_tensor(healthy)
-        g = torch.Generator().manual_seed(self.config.seed)
-        self.mean_image = x.mean(0) + 0.2 * torch.randn(x.shape[1:], generator=g)
-        SuiteMean.fits.append((self.config.seed, len(x)))
-        return self
-
-    def score(self, images, batch_size: int = 64):
-        maps = (as_tensor(images) - self.mean_image).abs().mean(1) * self.config.gain
-        return maps.flatten(1).mean(1).numpy(), maps.numpy()
-
-    def state_tensors(self):
-        return {"mean_image": self.mean_image}
-
-    def load_state_tensors(self, tensors):
-        self.mean_image = tensors["mean_image"]
 
 
 class SuiteBroken(SuiteMean):
@@ -76,11 +46,8 @@ class SuiteBroken(SuiteMean):
 
 @pytest.fixture(autouse=True, scope="module")
 def fake_methods():
-    for cls in (SuiteMean, SuiteBroken):
-        detector.register(cls)
-    yield
-    for cls in (SuiteMean, SuiteBroken):
-        detector._REGISTRY.pop(cls.name, None)
+    with registered(SuiteMean, SuiteBroken):
+        yield
 
 
 def one_class_method() -> str:
@@ -267,10 +234,11 @@ def test_resume_skips_finished_runs(tiny_bench, monkeypatch):
 # ------------------------------------------------------------------------------------------
 def test_seeds_give_mean_and_std_and_one_class_training_sets(tmp_path):
     data = make_tiny_tree(tmp_path / "data", n=12, size=16)
-    SuiteMean.fits.clear()
+    MeanDetector.fits.clear()
     results = run_benchmark(data, SuiteMean.name, tmp_path / "b", profile="tiny", seeds=3, **FAST)
     split = read_split_manifest(tmp_path / "b" / "split.csv")
-    assert SuiteMean.fits == [(0, len(split.healthy)), (1, len(split.healthy)), (2, len(split.healthy))]
+    assert [(f["seed"], f["n"]) for f in MeanDetector.fits] == [(0, len(split.healthy)), (1, len(split.healthy)),
+                                                                (2, len(split.healthy))]
     aurocs = [r["metrics"]["auroc"] for r in results["runs"]]
     stat = results["summary"][SuiteMean.name]["metrics"]["auroc"]
     assert stat["n"] == 3 and stat["mean"] == pytest.approx(np.mean(aurocs))
@@ -279,10 +247,10 @@ def test_seeds_give_mean_and_std_and_one_class_training_sets(tmp_path):
     assert " ± " in (tmp_path / "b" / "results.md").read_text()
 
     # the ceiling: one-class methods train on every training normal
-    SuiteMean.fits.clear()
+    MeanDetector.fits.clear()
     run_benchmark(data, [SuiteMean.name], tmp_path / "c", profile="tiny", seeds=1, one_class_train="all_normals", **FAST)
     n_normals = len(split.healthy) + len(split.healthy_holdout) + sum(r.label == 0 for r in split.unlabeled)
-    assert SuiteMean.fits == [(0, n_normals)] and n_normals > len(split.healthy)
+    assert [(f["seed"], f["n"]) for f in MeanDetector.fits] == [(0, n_normals)] and n_normals > len(split.healthy)
 
 
 def test_interrupted_benchmark_resumes_where_it_stopped(tmp_path, monkeypatch):

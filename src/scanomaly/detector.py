@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from .data import ImageSet
 from .errors import ScanomalyError
 from .preprocess import Preprocessing
-from .training.loop import TrainResult
+from .training.loop import TrainResult, autocast_context
 
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "model.json"
@@ -296,9 +296,6 @@ class ReconstructionDetector(Detector):
 
     def _run_scoring(self, network: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A scoring network on a batch: eval mode, no gradients, the detector's precision."""
-        # imported here: the training loop is a heavier module that the detector interface should not pull in
-        from .training.loop import autocast_context
-
         network.eval()
         with torch.no_grad(), autocast_context(self.device, self.precision):
             return network(x.to(self.device))

@@ -390,7 +390,8 @@ class GANTrainer:
                 wrapper,
                 device_ids=[self.device.index if self.device.index is not None else torch.cuda.current_device()]
                 if self.device.type == "cuda" else None,
-                # a loss need not touch every parameter of its networks (e.g. a head used only at scoring)
+                # False (DDP's cheaper default): every method's phase loss reaches every parameter of the networks
+                # that phase trains; a loss that left one without a gradient would make DDP stop with an error
                 find_unused_parameters=False,
             )
         return self._ddp[phase.name](batch)
