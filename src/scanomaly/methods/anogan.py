@@ -51,7 +51,9 @@ from ..nn.blocks import dcgan_decoder, dcgan_encoder, dcgan_init
 from ..training.loop import GANTask, LoopConfig, Phase
 from ._gan import GANDetector
 
-CHANNELS_LAST = torch.channels_last  # ~25% faster convolutions on the CPU, neutral elsewhere
+# Memory format of the networks and their inputs, as f-AnoGAN's (see there: faster scoring on the CPU in a shared-machine
+# measurement; not measured for these DCGAN networks, and HealthyGAN's trained 5.8x slower in it, BENCHMARKS.md)
+CHANNELS_LAST = torch.channels_last
 
 
 # ---------------------------------------------------------------------------------------------

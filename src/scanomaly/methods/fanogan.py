@@ -49,7 +49,10 @@ from ..nn.wgan_resnet import ResNetCritic, ResNetGenerator
 from ..training.loop import GANTask, LoopConfig, Phase
 from ._gan import GANDetector
 
-CHANNELS_LAST = torch.channels_last  # ~25% faster convolutions on the CPU (measured), neutral elsewhere
+# Memory format of the networks and their inputs. Measured on the shared 2-core CPU (2026-12-02, one thread, load ~5,
+# cpu profile): scoring 64 images took 2.5 / 1.3 s in channels_last against 3.8 / 1.7 s without; training speed was
+# within the noise. It is a per-network choice: HealthyGAN's networks trained 5.8x slower in it (BENCHMARKS.md).
+CHANNELS_LAST = torch.channels_last
 
 
 # ---------------------------------------------------------------------------------------------
