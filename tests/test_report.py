@@ -15,7 +15,7 @@ from scanomaly.benchmark import run_benchmark
 from scanomaly.results import results_markdown, summarize, summary_tables
 
 from conftest import MeanDetector, make_tiny_tree, registered
-from test_suite import check_self_contained_html, parse_markdown_tables
+from test_benchmark import check_self_contained_html, parse_markdown_tables
 
 
 class ReportMean(MeanDetector):

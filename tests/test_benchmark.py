@@ -1,4 +1,4 @@
-"""The multi-method benchmark (suite.run_benchmark and `scanomaly benchmark`), end to end on small inputs.
+"""The multi-method benchmark (benchmark.run_benchmark and `scanomaly benchmark`), end to end on small inputs.
 
 Real methods run with their "tiny" profiles; fast fake methods (registered only in this module)
 cover seeds, failures, resume and option routing."""
