@@ -44,12 +44,7 @@ VARIANTS = {
     "ncritic1": {"n_critic": 1, "iterations": 1900},  # a generator step every iteration, same CPU time
     "mask0.2": {"lambda_mask": 0.2},
     "mask0.05": {"lambda_mask": 0.05},
-    "offset-2": {"mask_offset": -2.0},
-    "offset0": {"mask_offset": 0.0},  # the original's masks, 0.5 at initialisation
-    "offset-0.5": {"mask_offset": -0.5},
-    "offset0-id5": {"mask_offset": 0.0, "lambda_id": 5.0},
-    "offset0-batch8": {"mask_offset": 0.0, "batch_size": 8, "iterations": 5000, "checkpoint_every": 500},
-    "id5": {"lambda_id": 5.0},
+    "id1": {"lambda_id": 1.0},  # the paper's identity weight
     "rec5": {"lambda_rec": 5.0},
     "noflip": {"hflip": False},
     "blocks3": {"residual_blocks": 3, "iterations": 3400},  # a cheaper generator, more iterations
@@ -118,7 +113,7 @@ def train_one(job) -> dict:
 
 
 def sweep(args) -> None:
-    from run_method import parse_value
+    from scanomaly.options import parse_value
 
     extra = {k: parse_value(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     jobs = [(args.data, v, s, args.device, args.precision, extra) for v in args.variants for s in args.seeds]

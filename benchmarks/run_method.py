@@ -10,16 +10,9 @@ import json
 import os
 import sys
 
-from scanomaly.benchmark import markdown_row, run_method
-
-
-def parse_value(text):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
+from scanomaly.options import parse_set
+from scanomaly.pipeline import run_method
+from scanomaly.results import markdown_row
 
 
 def main():
@@ -38,8 +31,7 @@ def main():
     ap.add_argument("--precision", default="32")
     ap.add_argument("--train-on", default="healthy", choices=["healthy", "all_normals"])
     args = ap.parse_args()
-    overrides = dict(kv.split("=", 1) for kv in args.set)
-    overrides = {k: parse_value(v) for k, v in overrides.items()}
+    overrides = parse_set(args.set)
     prep = {k: v for k, v in (("image_size", args.image_size), ("intensity", args.intensity)) if v is not None} or None
     out = args.out or os.path.join("bench_runs", f"{args.method}_{args.profile}_s{args.seed}")
     r = run_method(
@@ -47,8 +39,6 @@ def main():
         overrides, prep, args.device, args.precision, args.train_on, progress=sys.stderr.isatty(),
     )
     print(json.dumps({k: r[k] for k in ("split", "train_seconds", "scoring_images_per_second", "peak_rss_mib")}, indent=1))
-    for row in r.get("checkpoint_analysis", []):
-        print(row)
     print("| method | profile | seed | AUROC [95% CI] | AUPRC | precision | recall | specificity | F1 | train min | img/s | peak MiB |")
     print(markdown_row(r))
 

@@ -1,7 +1,7 @@
 """Validation AUROC of every kept checkpoint of a benchmark run (development aid; never looks at test).
 
     python benchmarks/val_trajectory.py bench_runs/hg_v1
-    python benchmarks/val_trajectory.py bench_runs/hg_N1 healthygan cpu upsample=nearest   # a run trained with --set
+    python benchmarks/val_trajectory.py bench_runs/hg_L1 healthygan cpu lambda_id=1   # a run trained with --set
     python benchmarks/val_trajectory.py bench_runs/hg_P128EQ_s0 healthygan cpu image_size=128  # still training
 
 Scores the run's validation set (held-out healthy + validation abnormals from split.csv) with each
@@ -23,7 +23,7 @@ from scanomaly.detector import Detector, get_method
 from scanomaly.preprocess import Preprocessing
 from scanomaly.splits import read_split_manifest
 
-from run_method import parse_value  # the same KEY=VALUE reading as the runs' --set
+from scanomaly.options import parse_value  # the same KEY=VALUE reading as the runs' --set
 
 
 def run_detector(run: Path, method: str, profile: str, options) -> Detector:

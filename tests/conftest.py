@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from scanomaly import detector
 from scanomaly.data import ABNORMAL, NORMAL, ImageRecord
+from scanomaly.detector import Detector, as_tensor
 
 # ../shared/data relative to the repository root
 DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -72,3 +76,59 @@ def blobs(n: int, size: int = 32, seed: int = 0, lesion: bool = False) -> torch.
     if lesion:
         base[:, :, 8:16, 8:16] = 1.0
     return base
+
+
+# ------------------------------------------------------------------------------------------
+# the fake method of the tests: register it (or a subclass) where a test module needs one
+# ------------------------------------------------------------------------------------------
+@dataclass
+class MeanConfig:
+    iterations: int = 1
+    batch_size: int = 8
+    seed: int = 0
+    gain: float = 1.0
+    tag: str = "x"
+
+
+class MeanDetector(Detector):
+    """An image's score is its mean absolute difference from the mean healthy image (times `gain`); seeds
+    other than 0 perturb that mean image, so that seeds differ. Its reconstruction is the mean image.
+    Every fit is recorded in `fits` (a list shared by the subclasses): {"seed", "n", "unlabeled", **kwargs}."""
+
+    name = "_test_mean"
+    Config = MeanConfig
+    profiles = {"cpu": {"preprocessing": {"image_size": 16}}, "tiny": {"preprocessing": {"image_size": 16}}}
+    fits: list = []
+
+    def fit(self, healthy, unlabeled=None, **kwargs):
+        x = as_tensor(healthy)
+        noise = torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(self.config.seed))
+        self.mean_image = x.mean(0) + (0.1 * noise if self.config.seed else 0.0)
+        MeanDetector.fits.append({"seed": self.config.seed, "n": len(x), "healthy": healthy, "unlabeled": unlabeled,
+                                  **kwargs})
+        return self
+
+    def score(self, images, batch_size: int = 64):
+        maps = (as_tensor(images) - self.mean_image).abs().mean(1) * self.config.gain
+        return maps.flatten(1).mean(1).numpy(), maps.numpy()
+
+    def reconstruct(self, images, batch_size: int = 64):
+        return self.mean_image.expand_as(as_tensor(images)).numpy()
+
+    def state_tensors(self):
+        return {"mean_image": self.mean_image}
+
+    def load_state_tensors(self, tensors):
+        self.mean_image = tensors["mean_image"]
+
+
+@contextlib.contextmanager
+def registered(*classes):
+    """Register fake methods for the duration of the block (a test module's fixture), then remove them."""
+    for cls in classes:
+        detector.register(cls)
+    try:
+        yield
+    finally:
+        for cls in classes:
+            detector._REGISTRY.pop(cls.name, None)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from scanomaly.data import discover, load_images
-from scanomaly.detector import Detector, anomaly_map
+from scanomaly.detector import anomaly_map
 from scanomaly.errors import ScanomalyError
 from scanomaly.methods.anogan import (
     AnoGAN,
@@ -133,20 +133,10 @@ def test_task_phases_and_losses_are_finite():
         assert torch.isfinite(loss) and logs
 
 
-def test_fit_score_save_load_identical(tmp_path):
-    det = tiny().fit(blobs(16, seed=1), work_dir=tmp_path / "run", progress=False)
+def test_fit_writes_checkpoint_and_losses(tmp_path):
+    # fit, score and save -> load are checked for every method in test_conformance.py
+    tiny().fit(blobs(16, seed=1), work_dir=tmp_path / "run", progress=False)
     assert (tmp_path / "run" / "checkpoint.pt").is_file() and (tmp_path / "run" / "losses.csv").is_file()
-    x = blobs(5, seed=9)
-    s1, m1 = det.score(x, batch_size=2)
-    assert s1.shape == (5,) and m1.shape == (5, 32, 32) and m1.dtype == np.float32
-    assert np.isfinite(s1).all()
-    det.save(tmp_path / "model")
-    loaded = Detector.load(tmp_path / "model")
-    assert isinstance(loaded, AnoGAN)
-    s2, m2 = loaded.score(x, batch_size=2)
-    np.testing.assert_array_equal(s1, s2)
-    np.testing.assert_array_equal(m1, m2)
-    assert loaded.reconstruct(x[:2]).shape == (2, 1, 32, 32)
 
 
 def test_bad_config_is_refused():

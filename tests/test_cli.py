@@ -12,47 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from scanomaly import cli, detector
+from scanomaly import cli
 from scanomaly.cli import main
 from scanomaly.data import UNKNOWN
-from scanomaly.detector import Detector, as_tensor
+from scanomaly.options import parse_value
 
-
-@dataclass
-class MeanConfig:
-    iterations: int = 1
-    batch_size: int = 8
-    seed: int = 0
-    gain: float = 1.0
-    tag: str = "x"
-
-
-class MeanDetector(Detector):
-    """Scores an image by its mean absolute difference from the mean healthy image."""
-
-    name = "_test_mean"
-    Config = MeanConfig
-    profiles = {"cpu": {"preprocessing": {"image_size": 16}}, "tiny": {"config": {"gain": 2.0}, "preprocessing": {"image_size": 16}}}
-    last_fit: dict = {}
-
-    def fit(self, healthy, unlabeled=None, **kwargs):
-        self.mean_image = as_tensor(healthy).mean(0)
-        MeanDetector.last_fit = {"healthy": healthy, "unlabeled": unlabeled, **kwargs}
-        return self
-
-    def score(self, images, batch_size: int = 64):
-        maps = (as_tensor(images) - self.mean_image).abs().mean(1) * self.config.gain
-        return maps.flatten(1).mean(1).numpy(), maps.numpy()
-
-    def reconstruct(self, images, batch_size: int = 64):
-        x = as_tensor(images)
-        return self.mean_image.expand_as(x).numpy()
-
-    def state_tensors(self):
-        return {"mean_image": self.mean_image}
-
-    def load_state_tensors(self, tensors):
-        self.mean_image = tensors["mean_image"]
+from conftest import MeanDetector, registered
 
 
 class MixedMeanDetector(MeanDetector):
@@ -74,12 +39,8 @@ class BareDetector(MeanDetector):
 @pytest.fixture(autouse=True, scope="module")
 def fake_methods():
     """Register the fake methods for this module only, so other tests never see them."""
-    fakes = (MeanDetector, MixedMeanDetector, BareDetector)
-    for cls in fakes:
-        detector.register(cls)
-    yield
-    for cls in fakes:
-        detector._REGISTRY.pop(cls.name, None)
+    with registered(MeanDetector, MixedMeanDetector, BareDetector):
+        yield
 
 
 def run(capsys, *argv):
@@ -210,7 +171,7 @@ def test_train_healthy_then_score_with_heatmaps(tiny_tree, tmp_path, capsys):
     assert summary["method"] == "_test_mean" and summary["counts"]["healthy"] == 6
     assert summary["config"] == {"iterations": 3, "batch_size": 8, "seed": 1, "gain": 2.5, "tag": "abc"}
     assert summary["preprocessing"]["center_crop"] is False
-    assert MeanDetector.last_fit["unlabeled"] is None and MeanDetector.last_fit["work_dir"] == run_dir
+    assert MeanDetector.fits[-1]["unlabeled"] is None and MeanDetector.fits[-1]["work_dir"] == run_dir
 
     (tiny_tree / "test" / "normal" / "zz_bad.png").write_bytes(b"junk")
     out_csv = tmp_path / "scores" / "test.csv"
@@ -245,7 +206,7 @@ def test_train_from_labeled_writes_split_and_val_scores(tiny_tree, tmp_path, cap
 
     split = read_split_manifest(run_dir / "split.csv")
     assert len(split.test) == 12 and split.healthy and split.unlabeled
-    fit = MeanDetector.last_fit
+    fit = MeanDetector.fits[-1]
     assert len(fit["healthy"]) == len(split.healthy)
     assert all(r.label == UNKNOWN for r in fit["unlabeled"].records)  # no labels reach training
     val = read_csv(run_dir / "val_scores.csv")
@@ -283,10 +244,10 @@ def test_train_errors(tiny_tree, tmp_path, capsys):
 
 
 def test_parse_value():
-    assert cli._parse_value("3") == 3 and cli._parse_value("0.5") == 0.5
-    assert cli._parse_value("True") is True and cli._parse_value("no") is False
-    assert cli._parse_value("none") is None and cli._parse_value("[1, 2]") == [1, 2]
-    assert cli._parse_value("resnet18") == "resnet18"
+    assert parse_value("3") == 3 and parse_value("0.5") == 0.5
+    assert parse_value("True") is True and parse_value("no") is False
+    assert parse_value("none") is None and parse_value("[1, 2]") == [1, 2]
+    assert parse_value("resnet18") == "resnet18"
 
 
 # ------------------------------------------------------------------------------------------

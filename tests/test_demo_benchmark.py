@@ -1,10 +1,12 @@
 """The bundled demo and the single-method benchmark runner, end to end on small inputs."""
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 
-from scanomaly.benchmark import markdown_row, run_method
+from scanomaly.pipeline import run_method
+from scanomaly.results import markdown_row
 from scanomaly.cli import main
 from scanomaly.demo import demo_data_dir, run_demo
 from scanomaly.splits import read_split_manifest
@@ -53,8 +55,14 @@ def test_run_method_trains_and_reuses_its_split(tmp_path):
 
 
 def test_checkpoint_analysis_scores_every_snapshot(tmp_path):
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "checkpoint_analysis.py"
+    spec = importlib.util.spec_from_file_location("checkpoint_analysis", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     data = make_tiny_tree(tmp_path / "data", n=12, size=32)
-    r = run_method("healthygan", data, tmp_path / "run", profile="tiny", config_overrides={"keep_snapshots": True}, progress=False)
-    rows = r["checkpoint_analysis"]
+    run_method("healthygan", data, tmp_path / "run", profile="tiny", config_overrides={"keep_snapshots": True}, progress=False)
+    rows = module.checkpoint_analysis(tmp_path / "run")
     assert [row["step"] for row in rows] == [10, 20]
     assert all(row["aucp"] is not None and 0 <= row["test_auroc"] <= 1 for row in rows)

@@ -62,3 +62,35 @@ def test_float16_precision_on_cpu_is_refused_with_a_clear_message(capsys, tmp_pa
     code = main(["train", "ganomaly", "--healthy", str(tmp_path), "--out", str(tmp_path / "run"),
                  "--device", "cpu", "--precision", "16-mixed"])
     assert code == 2 and "16-mixed needs a CUDA device" in capsys.readouterr().err
+
+
+def test_gan_methods_configure_the_loop_with_their_own_config(monkeypatch):
+    # the loop's settings are fields of each GAN method's config (LoopConfig), read by the trainer from that very
+    # object: there is no copy by matching names in which a misspelt field would silently keep its default
+    from scanomaly.training import loop
+
+    gan_methods = [m for m in available_methods() if get_method(m).distributed_training]
+    assert {"healthygan", "anogan", "fanogan", "ganomaly", "alad", "alocc"} <= set(gan_methods)
+    for m in gan_methods:
+        assert issubclass(get_method(m).Config, loop.LoopConfig), m
+    seen = []
+    original = loop.GANTrainer.__init__
+    monkeypatch.setattr(loop.GANTrainer, "__init__", lambda self, task, sets, config, *a, **k: (
+        seen.append(config), original(self, task, sets, config, *a, **k))[1])
+    from conftest import blobs
+
+    det = get_method("ganomaly").from_profile("tiny", {"iterations": 3, "checkpoint_every": 3, "hflip": True})
+    det.fit(blobs(8), progress=False)
+    assert seen == [det.config] and det.train_result.steps == 3
+    with pytest.raises(TypeError, match="LoopConfig"):
+        loop.GANTrainer(det.task, {"x": blobs(4)}, {"iterations": 3})
+
+
+def test_retired_options_load_at_the_value_the_code_now_has():
+    # a model.json written before mask_offset / upsample / critic_final_size / frame_jitter were removed
+    old = {"mask_offset": 0.0, "upsample": "transposed", "critic_final_size": 4, "frame_jitter": 0.0, "width": 8}
+    assert config_from_dict(HealthyGANConfig, old).width == 8
+    with pytest.raises(ScanomalyError, match="mask_offset=-1.0 is no longer supported"):
+        config_from_dict(HealthyGANConfig, {**old, "mask_offset": -1.0})
+    with pytest.raises(ScanomalyError, match="unknown HealthyGANConfig option"):
+        config_from_dict(HealthyGANConfig, {"checkpoint_evry": 10})  # a misspelt loop option is an error

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-from scanomaly.detector import Detector
 from scanomaly.errors import ScanomalyError, TrainingDiverged
 from scanomaly.methods.healthygan import (
     HealthyGAN,
@@ -133,19 +132,6 @@ def test_fit_requires_unlabeled_set():
         tiny().fit(blobs(4))
 
 
-def test_save_load_gives_identical_scores(tmp_path):
-    det = tiny().fit(blobs(12, seed=1), blobs(12, seed=2), work_dir=tmp_path / "run", progress=False)
-    x = blobs(5, seed=9)
-    s1, m1 = det.score(x)
-    det.save(tmp_path / "model")
-    loaded = Detector.load(tmp_path / "model")
-    s2, m2 = loaded.score(x)
-    np.testing.assert_array_equal(s1, s2)
-    np.testing.assert_array_equal(m1, m2)
-    assert s1.shape == (5,) and m1.shape == (5, 32, 32)
-    assert isinstance(loaded, HealthyGAN) and loaded.preprocessing == det.preprocessing
-
-
 def test_aucp_selection_keeps_best_checkpoint(tmp_path):
     det = tiny(iterations=30, checkpoint_every=10).fit(blobs(20, seed=1), blobs(20, seed=2), work_dir=tmp_path, progress=False)
     history = det.train_result.history
@@ -165,6 +151,18 @@ def test_selection_last_keeps_the_final_weights(tmp_path):
     picked = tiny(iterations=30, checkpoint_every=10).fit(xb, xa, holdout=hold, work_dir=tmp_path / "aucp", progress=False)
     assert picked.extra_state()["selected_step"] < 30  # this seed's AUCp peaks early: the two rules keep different weights
     assert not np.allclose(last.score(xa)[0], picked.score(xa)[0])
+
+
+def test_fit_with_and_without_a_work_dir_selects_the_same_model(tmp_path):
+    # AUCp's choice travels back from the trainer in memory: without a work folder the detector must score with the
+    # selected checkpoint too, not with the last EMA weights
+    xb, xa, hold = blobs(20, seed=1), blobs(20, seed=2), blobs(8, seed=3)
+    on_disk = tiny(iterations=30, checkpoint_every=10).fit(xb, xa, holdout=hold, work_dir=tmp_path / "run", progress=False)
+    in_memory = tiny(iterations=30, checkpoint_every=10).fit(xb, xa, holdout=hold, progress=False)
+    last = tiny(iterations=30, checkpoint_every=10, selection="last").fit(xb, xa, holdout=hold, progress=False)
+    assert in_memory.extra_state()["selected_step"] == on_disk.extra_state()["selected_step"] < 30
+    np.testing.assert_array_equal(in_memory.score(xa)[0], on_disk.score(xa)[0])
+    assert not np.allclose(in_memory.score(xa)[0], last.score(xa)[0])  # the last weights are another model
 
 
 def test_small_aucp_pool_warns_and_large_one_does_not(tmp_path):

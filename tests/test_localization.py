@@ -370,11 +370,14 @@ def lgg_subset(tmp_path_factory):
 
 
 def test_lgg_benchmark_reports_localization(lgg_subset, tmp_path):
-    from scanomaly.suite import run_benchmark
+    from scanomaly.benchmark import run_benchmark
 
     out = tmp_path / "bench"
     results = run_benchmark(lgg_subset, ["padim"], out, profile="tiny", seeds=1, n_bootstrap=20, progress=False,
                             config_overrides={"preprocessing.intensity": "percentile"})
+    from scanomaly.report import build_report
+
+    build_report(out)
     run = results["runs"][0]
     assert run["status"] == "ok", run.get("error")
     run_dir = out / run["dir"]

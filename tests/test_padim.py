@@ -56,16 +56,13 @@ def test_gaussian_blur_keeps_mass_and_constants():
     assert gaussian_blur(torch.rand(1, 8, 8), 4.0).shape == (1, 8, 8)  # radius capped on small maps
 
 
-def test_save_load_gives_identical_scores(tmp_path):
+def test_image_score_is_the_maps_maximum_and_other_sizes_are_refused(tmp_path):
+    # fit, score and save -> load are checked for every method in test_conformance.py
     x = torch.rand(10, 1, 64, 64) * 2 - 1
     det = get_method("padim").from_profile("tiny").fit(x[:6], progress=False)
     scores, maps = det.score(x)
-    assert scores.shape == (10,) and maps.shape == (10, 64, 64) and maps.dtype == np.float32
     assert np.allclose(scores, maps.reshape(10, -1).max(1))  # image score = max of the map
     loaded = Detector.load(det.save(tmp_path / "padim"))
-    scores2, maps2 = loaded.score(x)
-    np.testing.assert_array_equal(scores, scores2)
-    np.testing.assert_array_equal(maps, maps2)
     with pytest.raises(ScanomalyError, match="fitted on 64x64"):
         loaded.score(torch.zeros(1, 1, 32, 32))
 

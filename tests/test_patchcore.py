@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import scanomaly.methods.patchcore as pc
-from scanomaly.detector import Detector, get_method
+from scanomaly.detector import get_method
 from scanomaly.errors import ScanomalyError
 from scanomaly.preprocess import Preprocessing
 
@@ -85,16 +85,11 @@ def test_reweighted_image_score_follows_the_paper():
         assert got[i].item() == pytest.approx(want, rel=1e-5)
 
 
-def test_save_load_gives_identical_scores(tmp_path):
-    x = torch.rand(10, 1, 64, 64) * 2 - 1
-    det = get_method("patchcore").from_profile("tiny").fit(x[:6], progress=False)
+def test_memory_bank_is_the_coreset_fraction_of_patches():
+    # fit, score and save -> load are checked for every method in test_conformance.py
+    x = torch.rand(6, 1, 64, 64) * 2 - 1
+    det = get_method("patchcore").from_profile("tiny").fit(x, progress=False)
     assert det.memory.shape == (int(np.ceil(0.05 * 6 * 8 * 8)), 128 + 256)
-    scores, maps = det.score(x, batch_size=4)
-    assert scores.shape == (10,) and maps.shape == (10, 64, 64) and maps.dtype == np.float32
-    loaded = Detector.load(det.save(tmp_path / "patchcore"))
-    scores2, maps2 = loaded.score(x)
-    np.testing.assert_array_equal(scores, scores2)
-    np.testing.assert_array_equal(maps, maps2)
 
 
 def test_stages_default_per_backbone():

@@ -3,66 +3,33 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 
 import pytest
-import torch
 
-from scanomaly import detector
-from scanomaly.benchmark import run_method
-from scanomaly.data import ImageRecord
-from scanomaly.detector import Detector, as_tensor
+from scanomaly.pipeline import run_method
+from scanomaly.detector import Detector
 from scanomaly.errors import ScanomalyError
-from scanomaly.report import _records_for_rows, build_report
-from scanomaly.splits import HealthyGANSplit, write_split_manifest
-from scanomaly.suite import results_markdown, run_benchmark, summarize, summary_tables
+from scanomaly.report import build_report
+from scanomaly.scores_csv import read_scores_csv
+from scanomaly.benchmark import run_benchmark
+from scanomaly.results import results_markdown, summarize, summary_tables
 
-from conftest import make_tiny_tree
-from test_suite import check_self_contained_html, parse_markdown_tables
-
-
-@dataclass
-class ReportConfig:
-    seed: int = 0
+from conftest import MeanDetector, make_tiny_tree, registered
+from test_benchmark import check_self_contained_html, parse_markdown_tables
 
 
-class ReportMean(Detector):
-    """Distance to the mean healthy image; its reconstruction is that mean image."""
-
+class ReportMean(MeanDetector):
     name = "_report_mean"
-    Config = ReportConfig
-    profiles = {"tiny": {"preprocessing": {"image_size": 16}}}
-
-    def fit(self, healthy, unlabeled=None, **kwargs):
-        x = as_tensor(healthy)
-        self.mean_image = x.mean(0) + 0.1 * torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(self.config.seed))
-        return self
-
-    def score(self, images, batch_size: int = 64):
-        maps = (as_tensor(images) - self.mean_image).abs().mean(1)
-        return maps.flatten(1).mean(1).numpy(), maps.numpy()
-
-    def reconstruct(self, images, batch_size: int = 64):
-        return self.mean_image.expand_as(as_tensor(images)).numpy()
-
-    def state_tensors(self):
-        return {"mean_image": self.mean_image}
-
-    def load_state_tensors(self, tensors):
-        self.mean_image = tensors["mean_image"]
 
 
-class ReportOther(ReportMean):
+class ReportOther(MeanDetector):
     name = "_report_other"
 
 
 @pytest.fixture(autouse=True, scope="module")
 def fake_methods():
-    for cls in (ReportMean, ReportOther):
-        detector.register(cls)
-    yield
-    for cls in (ReportMean, ReportOther):
-        detector._REGISTRY.pop(cls.name, None)
+    with registered(ReportMean, ReportOther):
+        yield
 
 
 FAST = {"n_bootstrap": 20, "progress": False}
@@ -87,16 +54,23 @@ def test_single_run_report(tmp_path):
     assert img_alts(check_self_contained_html(out)) == ["ROC curves", "score histograms"]
 
 
-def test_benchmark_report_survives_a_missing_model_and_missing_data(tmp_path):
+def test_report_renders_without_models_or_images(tmp_path, monkeypatch):
+    # the report renders what the runs saved: no model is loaded, no image file read
     data = make_tiny_tree(tmp_path / "data", n=12, size=16)
     out = tmp_path / "bench"
-    run_benchmark(data, [ReportMean.name, ReportOther.name], out, profile="tiny", seeds=2, report=False, **FAST)
-    shutil.rmtree(out / ReportOther.name / "seed0" / "model")
-    text = build_report(out).read_text()
-    check_self_contained_html(out / "report.html")
-    assert f"{ReportOther.name}: no heatmaps" in text and "gallery" in text
+    run_benchmark(data, [ReportMean.name, ReportOther.name], out, profile="tiny", seeds=2, **FAST)
+    for seed in (0, 1):
+        shutil.rmtree(out / ReportMean.name / f"seed{seed}" / "model")
+    shutil.rmtree(data)
+    monkeypatch.setattr(Detector, "load", lambda *a, **k: pytest.fail("the report loaded a model"))
+    parser = check_self_contained_html(build_report(out))
+    assert img_alts(parser) == ["ROC curves", "score histograms", "gallery"]
+    assert "no heatmaps" not in (out / "report.html").read_text()
 
-    shutil.rmtree(data)  # the images are gone: tables and curves still come from the saved results
+    (out / ReportOther.name / "seed0" / "gallery.npz").unlink()  # a run without its saved gallery: noted, not fatal
+    text = build_report(out).read_text()
+    assert f"{ReportOther.name}: no heatmaps" in text and 'alt="gallery"' in text
+    (out / ReportMean.name / "seed0" / "gallery.npz").unlink()  # the ranking method's: no gallery at all
     parser = check_self_contained_html(build_report(out))
     assert img_alts(parser) == ["ROC curves", "score histograms"]
     assert "gallery left out" in (out / "report.html").read_text()
@@ -107,6 +81,7 @@ def test_report_of_a_benchmark_where_everything_failed(tmp_path):
     out = tmp_path / "bench"
     results = run_benchmark(data, ["nope_a", "nope_b"], out, profile="tiny", **FAST)
     assert all(r["status"] == "failed" for r in results["runs"])
+    build_report(out)
     text = (out / "report.html").read_text()
     assert "nope_a" in text and "unknown method" in text and "<img" not in text
     assert "## Failed" in (out / "results.md").read_text()
@@ -155,16 +130,16 @@ def test_summary_tables_bold_the_best_per_column():
     assert rows == [[("a", False), ("1", False), ("0.900", False), ("-", False)]]  # one method: nothing bold
 
 
-def test_gallery_rows_map_to_images_of_multi_image_files(tmp_path):
-    split = HealthyGANSplit(test=[ImageRecord("/d/a.png", 0, "test"),
-                                  ImageRecord("/d/x.npz", 1, "test", index=10),
-                                  ImageRecord("/d/x.npz", 0, "test", index=11),
-                                  ImageRecord("/d/vol.nii.gz", 1, "test")])
-    write_split_manifest(split, tmp_path / "split.csv")
-    rows = [{"path": p, "label": 0, "score": 0.0} for p in
-            ("/d/a.png", "/d/x.npz", "/d/x.npz", "/d/vol.nii.gz", "/d/vol.nii.gz", "/d/gone.png")]
-    recs = _records_for_rows(tmp_path / "split.csv", rows, [0, 2, 4, 5])
-    assert (recs[0].path, recs[0].index) == ("/d/a.png", None)
-    assert (recs[1].path, recs[1].index) == ("/d/x.npz", 11)
-    assert (recs[2].path, recs[2].index) == ("/d/vol.nii.gz", 1)  # the volume's second slice
-    assert (recs[3].path, recs[3].index) == ("/d/gone.png", None)
+def test_saved_gallery_holds_every_test_image_in_test_order(tmp_path):
+    import numpy as np
+
+    data = make_tiny_tree(tmp_path / "data", n=12, size=16)
+    run = tmp_path / "run"
+    run_method(ReportMean.name, data, run, profile="tiny", **FAST)
+    g = np.load(run / "gallery.npz")
+    rows = read_scores_csv(run / "test_scores.csv")
+    assert [str(p) for p in g["paths"]] == [r["path"] for r in rows]
+    np.testing.assert_allclose(g["scores"], [r["score"] for r in rows])
+    assert g["maps"].shape == g["scans"].shape == (len(rows), 16, 16) and g["scans"].dtype == np.uint8
+    # the reconstructions of the most and least anomalous images, in the order of recon_rows
+    assert g["recons"].shape == (len(g["recon_rows"]), 16, 16) and len(g["recon_rows"]) == min(16, len(rows))

@@ -15,24 +15,21 @@ User errors print `error: <message>` and exit with status 2; Ctrl-C exits with 1
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import inspect
 import json
 import os
 import sys
 import time
 import warnings
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
-from .data import ABNORMAL, NORMAL, UNKNOWN, ImageRecord, discover, label_text, load_images
+from .data import ABNORMAL, NORMAL, ImageRecord, discover, label_text
 from .errors import ImageReadError, ScanomalyError
-from .scores_csv import SCORE_COLUMNS, record_key, write_scores_csv  # noqa: F401 - re-exported
+from .scores_csv import SCORE_COLUMNS, read_scores_csv, record_key, write_scores_csv  # noqa: F401 - re-exported
 
 # ------------------------------------------------------------------------------------------
 # small helpers
@@ -41,28 +38,6 @@ from .scores_csv import SCORE_COLUMNS, record_key, write_scores_csv  # noqa: F40
 
 def _abspath(p) -> Path:
     return Path(os.path.abspath(os.path.expanduser(str(p))))
-
-
-def _parse_value(text: str):
-    """--set values: true/false, none, int, float, a JSON list, else the string."""
-    low = text.strip().lower()
-    if low in ("true", "yes", "on"):
-        return True
-    if low in ("false", "no", "off"):
-        return False
-    if low in ("none", "null"):
-        return None
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    if text.strip().startswith("["):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            pass
-    return text
 
 
 def _write_json(path: Path, obj) -> None:
@@ -84,51 +59,6 @@ def _print_skipped(skipped: list[dict], limit: int = 10) -> None:
 # ------------------------------------------------------------------------------------------
 # score CSVs
 # ------------------------------------------------------------------------------------------
-def read_scores_csv(path) -> list[dict]:
-    """Rows of a scores CSV: {"path", "index", "score", "label" (int or None), "patient_id"}.
-    Relative paths are taken relative to the working folder, or to the CSV's folder when only there."""
-    path = Path(path)
-    if not path.is_file():
-        raise ScanomalyError(f"{path}: no such scores file")
-    try:
-        with open(path, newline="") as fh:
-            reader = csv.DictReader(fh)
-            cols = reader.fieldnames or []
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise ScanomalyError(f"{path}: cannot read the scores CSV ({exc})") from None
-    if "score" not in cols or not ({"path", "file"} & set(cols)):
-        raise ScanomalyError(f"{path}: a scores CSV needs 'path' and 'score' columns (found {cols})")
-    from .data import LABEL_NAMES, UNKNOWN_LABEL_NAMES
-
-    out = []
-    for i, row in enumerate(rows, start=2):
-        raw = (row.get("path") or row.get("file") or "").strip()
-        if not raw:
-            raise ScanomalyError(f"{path}:{i}: empty path")
-        p = Path(raw)
-        if not p.is_absolute() and not p.exists() and (path.parent / p).exists():
-            p = path.parent / p
-        try:
-            score = float(row["score"])
-            index = int(row["index"]) if (row.get("index") or "").strip() else None
-        except ValueError:
-            raise ScanomalyError(f"{path}:{i}: score must be a number and index an integer") from None
-        label_text = (row.get("label") or "").strip().lower()
-        if label_text not in LABEL_NAMES and label_text not in UNKNOWN_LABEL_NAMES:
-            raise ScanomalyError(f"{path}:{i}: unknown label {label_text!r} (use normal/abnormal or 0/1)")
-        out.append({
-            "path": str(p),
-            "index": index,
-            "score": score,
-            "label": LABEL_NAMES.get(label_text),
-            "patient_id": (row.get("patient_id") or "").strip() or None,
-        })
-    if not out:
-        raise ScanomalyError(f"{path}: no rows")
-    return out
-
-
 def _attach_labels(rows: list[dict], records: list[ImageRecord] | None) -> tuple[list[dict], int]:
     """Labels (and patient ids) for score rows from labeled records, matched by path (and index),
     else by file name when that is unique. Returns (rows with labels, number unmatched)."""
@@ -301,43 +231,21 @@ def _cmd_evaluate(args) -> int:
 # train
 # ------------------------------------------------------------------------------------------
 def _overrides(cls, args) -> tuple[dict, dict]:
-    from .preprocess import Preprocessing
+    """(config, preprocessing) options of `train`: its flags, then --set."""
+    from .options import parse_set, split_options
 
-    config_fields = {f.name for f in dataclasses.fields(cls.Config)} if dataclasses.is_dataclass(cls.Config) else set()
-    prep_fields = {f.name for f in dataclasses.fields(Preprocessing)}
     config, prep = {}, {}
     for flag, key, value in (("--iters", "iterations", args.iters), ("--batch-size", "batch_size", args.batch_size),
                              ("--seed", "seed", args.seed)):
         if value is None:
             continue
-        if key not in config_fields:
+        if key not in {f.name for f in dataclasses.fields(cls.Config)}:
             raise ScanomalyError(f"method {cls.name!r} has no {key!r} option, so {flag} does not apply")
         config[key] = value
     if args.image_size is not None:
         prep["image_size"] = args.image_size
-    for item in args.set or []:
-        if "=" not in item:
-            raise ScanomalyError(f"--set expects key=value, got {item!r}")
-        key, text = item.split("=", 1)
-        key = key.strip()
-        value = _parse_value(text)
-        if key.startswith("preprocessing."):
-            key = key.split(".", 1)[1]
-            if key not in prep_fields:
-                raise ScanomalyError(f"unknown preprocessing option {key!r}; known: {sorted(prep_fields)}")
-            prep[key] = value
-        elif key in config_fields:
-            config[key] = value
-        elif key in prep_fields:
-            prep[key] = value
-        else:
-            raise ScanomalyError(f"unknown option {key!r} for method {cls.name!r}; config options: "
-                                 f"{sorted(config_fields)}; preprocessing options: {sorted(prep_fields)}")
-    return config, prep
-
-
-def _without_labels(records: list[ImageRecord]) -> list[ImageRecord]:
-    return [replace(r, label=UNKNOWN) for r in records]
+    set_config, set_prep = split_options(cls, parse_set(args.set))  # --set wins over the flags
+    return {**config, **set_config}, {**prep, **set_prep}
 
 
 def _cmd_train(args) -> int:
@@ -358,7 +266,8 @@ def _cmd_train(args) -> int:
 
 def _train(args, cls, world, t0) -> int:
     from .detector import config_to_dict
-    from .splits import make_healthygan_split, split_counts, write_split_manifest
+    from .pipeline import VAL_SCORES, train_on_split
+    from .splits import HealthyGANSplit, make_healthygan_split, split_counts, write_split_manifest
 
     config_overrides, prep_overrides = _overrides(cls, args)
     det = cls.from_profile(args.profile, config_overrides, prep_overrides, device=args.device, precision=args.precision)
@@ -366,70 +275,37 @@ def _train(args, cls, world, t0) -> int:
     run.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress and world.is_main
 
-    split = None
-    holdout_recs: list[ImageRecord] = []
-    val_recs: list[ImageRecord] = []
+    labeled_split = None
     if args.from_labeled:
-        records = discover(_abspath(args.from_labeled))
-        split = make_healthygan_split(
-            records,
+        labeled_split = make_healthygan_split(
+            discover(_abspath(args.from_labeled)),
             abnormal_fraction=args.abnormal_fraction,
             healthy_fraction=args.healthy_fraction,
             holdout_fraction=args.holdout_fraction,
             test_fraction=args.test_fraction,
             seed=args.seed if args.seed is not None else 0,
         )
-        write_split_manifest(split, run / "split.csv")
-        healthy_recs, unlabeled_recs = split.healthy, split.unlabeled
-        holdout_recs, val_recs = split.healthy_holdout, split.val
+        write_split_manifest(labeled_split, run / "split.csv")
+        split = labeled_split
     else:
         healthy_recs = discover(_abspath(args.healthy))
         n_abn = sum(r.label == ABNORMAL for r in healthy_recs)
         if n_abn:
             raise ScanomalyError(f"{args.healthy}: {n_abn} image(s) are labeled abnormal; --healthy takes known-healthy "
                                  "images only (use --from-labeled DIR for a labeled data set)")
-        unlabeled_recs = discover(_abspath(args.unlabeled)) if args.unlabeled else None
-
-    if det.needs_unlabeled and not unlabeled_recs:
-        raise ScanomalyError(f"method {cls.name!r} also trains on unlabeled (mixed) images: give --unlabeled DIR, "
-                             "or --from-labeled DIR to build the split")
+        split = HealthyGANSplit(healthy=healthy_recs,
+                                unlabeled=discover(_abspath(args.unlabeled)) if args.unlabeled else [])
     if not det.needs_unlabeled and args.unlabeled:
         print(f"warning: method {cls.name!r} trains on healthy images only; --unlabeled is ignored", file=sys.stderr)
 
-    healthy_set = load_images(healthy_recs, det.preprocessing, progress=progress, desc="healthy")
-    skipped = list(healthy_set.skipped)
-    unlabeled_set = None
-    if det.needs_unlabeled:
-        # the mixed set's labels must not reach training: they are kept in split.csv for analysis only
-        unlabeled_set = load_images(_without_labels(unlabeled_recs), det.preprocessing, progress=progress,
-                                    desc="unlabeled")
-        skipped += unlabeled_set.skipped
-    fit_kwargs = {"work_dir": run, "progress": progress}
-    if holdout_recs and "holdout" in inspect.signature(det.fit).parameters:
-        holdout_set = load_images(holdout_recs, det.preprocessing, progress=progress, desc="holdout")
-        skipped += holdout_set.skipped
-        fit_kwargs["holdout"] = holdout_set
+    def log(message: str) -> None:
+        if world.is_main:
+            print(message + (f", {world.size} processes" if world.distributed else ""), file=sys.stderr)
 
-    if world.is_main:
-        print(f"training {cls.name} ({args.profile} profile) on {len(healthy_set)} healthy"
-              + (f" + {len(unlabeled_set)} unlabeled" if unlabeled_set is not None else "")
-              + f" image(s), device {det.device}"
-              + (f", {world.size} processes" if world.distributed else ""), file=sys.stderr)
-    det.fit(healthy_set, unlabeled_set, **fit_kwargs)
-    if not world.is_main:  # the ranks end with identical models: rank 0 saves and scores
+    trained = train_on_split(det, split, run, progress=progress, is_main=world.is_main, log=log,
+                             score_batch_size=args.batch_size or 64)
+    if trained is None:  # not rank 0 of a distributed run
         return 0
-    model_dir = det.save(run / "model")
-
-    n_val = 0
-    if val_recs:
-        val_set = load_images(val_recs, det.preprocessing, progress=progress, desc="validation")
-        skipped += val_set.skipped
-        bs = {"batch_size": args.batch_size} if args.batch_size else {}
-        val_scores, _ = det.score(val_set, **bs)
-        roles = {(r.path, r.index): ("healthy_holdout" if r.label == NORMAL else "val_abnormal") for r in val_recs}
-        write_scores_csv(run / "val_scores.csv", val_set.records, val_scores,
-                         extra={"role": [roles.get((r.path, r.index), "") for r in val_set.records]})
-        n_val = len(val_set)
 
     seconds = time.time() - t0
     summary = {
@@ -440,24 +316,19 @@ def _train(args, cls, world, t0) -> int:
         "config": config_to_dict(det.config),
         "preprocessing": det.preprocessing.to_dict(),
         "data": {"healthy": args.healthy, "unlabeled": args.unlabeled, "from_labeled": args.from_labeled},
-        "counts": {
-            "healthy": len(healthy_set),
-            "unlabeled": len(unlabeled_set) if unlabeled_set is not None else 0,
-            "holdout": len(holdout_recs),
-            "val": n_val,
-            "skipped": len(skipped),
-        },
-        "split": split_counts(split) if split is not None else None,
+        "counts": {**trained.counts, "val": len(trained.val) if trained.val is not None else 0,
+                   "skipped": len(trained.skipped)},
+        "split": split_counts(labeled_split) if labeled_split is not None else None,
         "seconds": round(seconds, 2),
-        "model": str(model_dir),
-        "skipped": skipped,
+        "model": str(trained.model_dir),
+        "skipped": trained.skipped,
         "version": __version__,
     }
     _write_json(run / "train_summary.json", summary)
-    _print_skipped(skipped)
-    print(f"model saved to {model_dir} ({seconds:.1f} s)")
-    if split is not None:
-        print(f"split written to {run / 'split.csv'}; validation scores to {run / 'val_scores.csv'}")
+    _print_skipped(trained.skipped)
+    print(f"model saved to {trained.model_dir} ({seconds:.1f} s)")
+    if labeled_split is not None:
+        print(f"split written to {run / 'split.csv'}; validation scores to {run / VAL_SCORES}")
     return 0
 
 
@@ -567,18 +438,10 @@ def _cmd_demo(args) -> int:
 # ------------------------------------------------------------------------------------------
 # benchmark and report
 # ------------------------------------------------------------------------------------------
-def _set_options(items) -> dict:
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ScanomalyError(f"--set expects key=value, got {item!r}")
-        key, text = item.split("=", 1)
-        out[key.strip()] = _parse_value(text)
-    return out
-
-
 def _cmd_benchmark(args) -> int:
-    from .suite import ALL_METHODS, results_markdown, run_benchmark
+    from .benchmark import ALL_METHODS, run_benchmark
+    from .options import parse_set
+    from .results import results_markdown
 
     out = _abspath(args.out)
     results = run_benchmark(
@@ -590,13 +453,14 @@ def _cmd_benchmark(args) -> int:
         split_seed=args.split_seed,
         abnormal_fraction=args.abnormal_fraction,
         one_class_train=args.one_class_train,
-        config_overrides=_set_options(args.set),
+        config_overrides=parse_set(args.set),
         device=args.device,
         precision=args.precision,
         n_bootstrap=args.n_bootstrap,
-        report=not args.no_report,
         progress=not args.no_progress,
     )
+    if not args.no_report:
+        _build_report_after_benchmark(out)
     print(results_markdown(results))
     report = out / "report.html"
     print(f"results in {out / 'results.json'}, results.csv, results.md"
@@ -609,11 +473,21 @@ def _cmd_benchmark(args) -> int:
     return 0
 
 
+def _build_report_after_benchmark(out: Path) -> None:
+    from .report import build_report
+
+    try:
+        path = build_report(out)
+        print(f"report written to {path}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - the results are written; a report problem must not lose them
+        warnings.warn(f"the HTML report could not be built ({type(exc).__name__}: {exc}); "
+                      f"rebuild it with `scanomaly report {out}`")
+
+
 def _cmd_report(args) -> int:
     from .report import build_report
 
-    path = build_report(_abspath(args.dir), out=_abspath(args.out) if args.out else None, n_gallery=args.gallery,
-                        device=args.device)
+    path = build_report(_abspath(args.dir), out=_abspath(args.out) if args.out else None, n_gallery=args.gallery)
     print(f"report written to {path}")
     return 0
 
@@ -743,7 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="HTML", help="where to write it (default: DIR/report.html)")
     p.add_argument("--gallery", type=int, default=4, metavar="N",
                    help="show the N most and N least anomalous test images (0: no gallery)")
-    p.add_argument("--device", default="cpu", help="device for the gallery's models (cpu, cuda or auto)")
+    p.add_argument("--device", default="cpu", help="accepted for older scripts; the report runs no model")
     p.set_defaults(func=_cmd_report)
     return parser
 

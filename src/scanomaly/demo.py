@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .benchmark import run_method
+from .pipeline import run_method
 from .data import load_images
 from .detector import Detector
 from .metrics import format_metrics_table

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from .data import ImageSet
 from .errors import ScanomalyError
 from .preprocess import Preprocessing
-from .training.loop import TrainResult
+from .training.loop import TrainResult, autocast_context
 
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "model.json"
@@ -76,6 +76,7 @@ class Detector(abc.ABC):
     name: ClassVar[str] = ""
     Config: ClassVar[type] = object
     needs_unlabeled: ClassVar[bool] = False  # True for HealthyGAN (trains on healthy + mixed)
+    takes_holdout: ClassVar[bool] = False  # True where fit takes holdout= (held-out healthy images, e.g. for AUCp)
     distributed_training: ClassVar[bool] = False  # True for the GANs: they train in training.loop, torchrun-ready
     # named settings: {"cpu": {"config": {...}, "preprocessing": {...}}, "paper": {...}, "tiny": {...}}
     profiles: ClassVar[dict[str, dict]] = {}
@@ -295,9 +296,6 @@ class ReconstructionDetector(Detector):
 
     def _run_scoring(self, network: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A scoring network on a batch: eval mode, no gradients, the detector's precision."""
-        # imported here: the training loop is a heavier module that the detector interface should not pull in
-        from .training.loop import autocast_context
-
         network.eval()
         with torch.no_grad(), autocast_context(self.device, self.precision):
             return network(x.to(self.device))
@@ -349,6 +347,13 @@ def config_from_dict(config_cls, d: dict):
     if not is_dataclass(config_cls):
         return config_cls()
     known = {f.name for f in fields(config_cls)}
+    # options this version no longer has: accepted (and dropped) at the value the code now behaves as
+    retired = {k: v for k, v in getattr(config_cls, "retired_options", {}).items() if k in d and k not in known}
+    for key, kept in retired.items():
+        if d[key] != kept:
+            raise ScanomalyError(f"{config_cls.__qualname__} option {key}={d[key]!r} is no longer supported "
+                                 f"(this version always behaves as {key}={kept!r})")
+    d = {k: v for k, v in d.items() if k not in retired}
     unknown = set(d) - known
     if unknown:
         raise ScanomalyError(f"unknown {config_cls.__qualname__} option(s): {sorted(unknown)}")

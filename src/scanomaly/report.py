@@ -1,7 +1,7 @@
 """A self-contained HTML report of a benchmark (or of one run): one file, images embedded.
 
     build_report("bench")          # a benchmark folder: results.json + OUT/<method>/seed<k>/
-    build_report("runs/padim")     # a single run folder (result.json, test_scores.csv, model/)
+    build_report("runs/padim")     # a single run folder (result.json, test_scores.csv, gallery.npz)
 
 Sections: the settings and split; the summary tables (as in results.md: mean ± std over seeds, best
 in bold; localisation and anatomy tables where the data has masks / slice positions); every run; ROC
@@ -9,26 +9,25 @@ curves of all methods on one plot; normal vs abnormal score histograms per metho
 most and least anomalous test images (ranked by HealthyGAN's scores when it ran, else by the first
 method's), each method's anomaly map over the scan and HealthyGAN's healthy translation beside it;
 and, on data with pixel masks, a gallery of the same test slices for every method, its heatmap with
-the ground-truth lesion outline drawn over it (from each run's localization_gallery.npz). The gallery loads each method's saved model (first successful seed)
-and scores only those few images. Figures are drawn with matplotlib's Agg backend and embedded as
-base64 PNG data URIs, so the file can be mailed or archived on its own.
+the ground-truth lesion outline drawn over it (from each run's localization_gallery.npz). The report renders
+what the runs saved (results, scores, each run's gallery.npz of maps and scans written when it scored the
+test split; first successful seed of each method): it loads no model and reads no image file. Figures are
+drawn with matplotlib's Agg backend and embedded as base64 PNG data URIs, so the file can be mailed or
+archived on its own.
 """
 
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
-import json
-import warnings
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from .errors import ScanomalyError
-from .suite import describe_settings, failures, load_results, run_record, seeds_text, summarize, summary_tables
+from .pipeline import SCORE_GALLERY, TEST_SCORES
+from .results import describe_settings, failures, load_any, seeds_text, summary_tables
+from .scores_csv import read_scores_csv
 
 REPORT_NAME = "report.html"
 REFERENCE_METHOD = "healthygan"
@@ -37,46 +36,9 @@ REFERENCE_METHOD = "healthygan"
 # ------------------------------------------------------------------------------------------
 # loading
 # ------------------------------------------------------------------------------------------
-def _single_run_results(run_dir: Path) -> dict:
-    try:
-        result = json.loads((run_dir / "result.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise ScanomalyError(f"{run_dir / 'result.json'}: corrupt result file ({exc})") from None
-    method, seed = result.get("method", "?"), result.get("seed", 0)
-    runs = [run_record(method, seed, ".", result)]
-    return {
-        "title": f"{method} on {Path(str(result.get('data', ''))).name}",
-        "settings": {"data": result.get("data"), "profile": result.get("profile"), "seeds": [seed],
-                     "split_seed": result.get("split_seed"), "precision": result.get("precision"),
-                     "device": result.get("device")},
-        "split": result.get("split"),
-        "runs": runs,
-        "summary": summarize(runs),
-    }
-
-
-def load_any(directory) -> tuple[dict, str]:
-    """(results, kind) for a benchmark folder ("benchmark") or a single run folder ("run")."""
-    d = Path(directory)
-    if not d.is_dir():
-        raise ScanomalyError(f"{d}: no such folder")
-    if (d / "results.json").is_file():
-        return load_results(d), "benchmark"
-    if (d / "result.json").is_file():
-        return _single_run_results(d), "run"
-    raise ScanomalyError(f"{d}: neither a benchmark folder (results.json) nor a run folder (result.json)")
-
-
 def read_test_scores(path) -> list[dict]:
-    """test_scores.csv (path,label,score) -> [{"path", "label", "score"}], in file order."""
-    rows = []
-    with open(path, newline="") as fh:
-        for row in csv.DictReader(fh):
-            try:
-                rows.append({"path": row["path"], "label": int(row["label"]), "score": float(row["score"])})
-            except (KeyError, TypeError, ValueError):
-                raise ScanomalyError(f"{path}: not a test_scores.csv (path,label,score)") from None
-    return rows
+    """A run's test_scores.csv -> [{"path", "label", "score", ...}], in file order."""
+    return read_scores_csv(path)
 
 
 def _ok_runs(results: dict, method: str) -> list[dict]:
@@ -212,100 +174,76 @@ def gallery_figure(rows: list[dict], columns: list[dict]) -> str:
 # ------------------------------------------------------------------------------------------
 # gallery
 # ------------------------------------------------------------------------------------------
-def _records_for_rows(split_csv: Path | None, rows: list[dict], picked: list[int]):
-    """The ImageRecord of each picked test_scores row. Rows are in test order; a file that holds
-    several images (an .npz, a volume) appears once per image, so its k-th row is its k-th image."""
-    from .data import ImageRecord
-
-    test = []
-    if split_csv is not None and split_csv.is_file():
-        from .splits import read_split_manifest
-
-        test = read_split_manifest(split_csv).test
-    by_path: dict[str, list] = {}
-    for r in test:
-        by_path.setdefault(r.path, []).append(r)
-    occurrence, rows_per_path = [], {}
-    for row in rows:
-        occurrence.append(rows_per_path.get(row["path"], 0))
-        rows_per_path[row["path"]] = occurrence[-1] + 1
-    out = []
-    for i in picked:
-        path, k = rows[i]["path"], occurrence[i]
-        recs = by_path.get(path, [])
-        if len(recs) > 1:
-            rec = recs[k] if k < len(recs) else None
-        elif len(recs) == 1:
-            rec = recs[0] if rows_per_path[path] == 1 else replace(recs[0], index=k)
-        else:
-            rec = ImageRecord(path, rows[i]["label"], index=k if rows_per_path[path] > 1 else None)
-        out.append(rec)
-    return out
-
-
-def _gallery(base: Path, results: dict, n: int, device: str) -> tuple[str | None, list[str]]:
-    """(data URI, notes). Notes say what could not be shown and why."""
-    from .data import load_images
-    from .detector import Detector
-
+def _gallery(base: Path, results: dict, n: int) -> tuple[str | None, list[str]]:
+    """(data URI, notes) of the most and least anomalous test images, from the runs' gallery.npz (see
+    pipeline.save_score_gallery). Notes say what could not be shown and why."""
     methods = _methods(results)
     if not methods or n < 1:
         return None, []
     ref = REFERENCE_METHOD if REFERENCE_METHOD in methods else methods[0]
     ref_run = _ok_runs(results, ref)[0]
-    ref_dir = base / ref_run["dir"]
-    rows = read_test_scores(ref_dir / "test_scores.csv")
-    order = list(np.argsort(-np.array([r["score"] for r in rows]), kind="stable"))
+    notes: list[str] = []
+    saved = {}
+    for m in methods:
+        path = base / _ok_runs(results, m)[0]["dir"] / SCORE_GALLERY
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                g = {k: z[k] for k in z.files}
+            g["row"] = {(str(p), int(i)): k for k, (p, i) in enumerate(zip(g["paths"], g["indices"]))}
+            saved[m] = g
+        except FileNotFoundError:
+            notes.append(f"{m}: no heatmaps ({path} is missing; runs save it when they score the test split)")
+        except Exception as exc:  # noqa: BLE001 - one unreadable file must not sink the report
+            notes.append(f"{m}: no heatmaps ({type(exc).__name__}: {exc})")
+    if ref not in saved:
+        return None, notes + [f"gallery left out: {ref}'s run saved no gallery"]
+    g_ref = saved[ref]
+    order = list(np.argsort(-g_ref["scores"], kind="stable"))
     most = order[:n]
     least = [i for i in reversed(order) if i not in most][:n]
-    split_csv = ref_dir / "split.csv" if (ref_dir / "split.csv").is_file() else base / "split.csv"
-    records = _records_for_rows(split_csv, rows, most + least)
+    picked = most + least
+    keys = [(str(g_ref["paths"][i]), int(g_ref["indices"][i])) for i in picked]
     titles = [f"most #{k + 1}" for k in range(len(most))] + [f"least #{k + 1}" for k in range(len(least))]
-    keep = [i for i, r in enumerate(records) if r is not None]
-    records, titles = [records[i] for i in keep], [titles[i] for i in keep]
-    picked = [(most + least)[i] for i in keep]
-    notes: list[str] = []
 
-    loaded = {}
+    def rows_of(g) -> list[int | None]:
+        return [g["row"].get(key) for key in keys]
+
+    def scan(g, k) -> np.ndarray | None:
+        return None if k is None else g["scans"][k].astype(np.float32) / 255.0
+
+    columns = [{"title": "scan", "kind": "scan", "images": [scan(g_ref, k) for k in rows_of(g_ref)]}]
+    healthy = saved.get(REFERENCE_METHOD)
+    if healthy is not None and "recons" in healthy:
+        at = {int(row): j for j, row in enumerate(healthy["recon_rows"])}
+        images = [None if k is None or k not in at else healthy["recons"][at[k]].astype(np.float32) / 255.0
+                  for k in rows_of(healthy)]
+        columns.append({"title": "HealthyGAN healthy", "kind": "healthy", "images": images})
     for m in methods:
-        run = _ok_runs(results, m)[0]
-        try:
-            det = Detector.load(base / run["dir"] / "model", device=device)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                images = load_images(records, det.preprocessing, progress=False)
-            if len(images) != len(records):
-                raise ScanomalyError(f"{len(records) - len(images)} gallery image(s) unreadable")
-            scores, maps = det.score(images)
-            healthy = det.reconstruct(images) if m == REFERENCE_METHOD else None
-            loaded[m] = (images, np.asarray(scores, dtype=np.float64), np.asarray(maps, dtype=np.float32), healthy)
-        except Exception as exc:  # noqa: BLE001 - one model that cannot load must not sink the report
-            notes.append(f"{m}: no heatmaps ({type(exc).__name__}: {exc})")
-    if not loaded:
-        return None, notes + ["gallery left out: no model could score the test images"]
-    scan_method = ref if ref in loaded else next(iter(loaded))
-    scan_images = loaded[scan_method][0].images.numpy()
-    columns = [{"title": "scan", "kind": "scan", "images": [_gray(x) for x in scan_images]}]
-    if REFERENCE_METHOD in loaded and loaded[REFERENCE_METHOD][3] is not None:
-        columns.append({"title": "HealthyGAN healthy", "kind": "healthy",
-                        "images": [_gray(x) for x in loaded[REFERENCE_METHOD][3]]})
-    for m in methods:
-        if m not in loaded:
+        if m not in saved:
             columns.append({"title": m, "kind": "scan", "images": None})
             continue
-        images, scores, maps, _ = loaded[m]
-        finite = maps[np.isfinite(maps)]
-        vmin = float(finite.min()) if finite.size else 0.0
-        vmax = float(np.percentile(finite, 99.5)) if finite.size else 1.0
-        columns.append({"title": m, "kind": "map", "images": [_gray(x) for x in images.images.numpy()],
-                        "maps": [np.nan_to_num(mp) for mp in maps], "scores": scores,
+        g, rows = saved[m], rows_of(saved[m])
+        maps = [None if k is None else np.nan_to_num(g["maps"][k].astype(np.float32)) for k in rows]
+        shown = np.concatenate([mp.ravel() for mp in maps if mp is not None] or [np.zeros(0, np.float32)])
+        vmin = float(shown.min()) if shown.size else 0.0
+        vmax = float(np.percentile(shown, 99.5)) if shown.size else 1.0
+        columns.append({"title": m, "kind": "map", "images": [scan(g, k) for k in rows], "maps": maps,
+                        "scores": [np.nan if k is None else float(g["scores"][k]) for k in rows],
                         "vmin": vmin, "vmax": vmax if vmax > vmin else vmin + 1e-6})
     labels = {0: "normal", 1: "abnormal"}
-    row_info = [{"label": f"{t}\n{labels.get(rows[i]['label'], '?')}\n{ref} {rows[i]['score']:.3g}"}
-                for t, i in zip(titles, picked)]
+    ref_labels = _labels_by_key(base / ref_run["dir"] / TEST_SCORES)
+    row_info = [{"label": f"{t}\n{labels.get(ref_labels.get(key), '?')}\n{ref} {g_ref['scores'][i]:.3g}"}
+                for t, key, i in zip(titles, keys, picked)]
     notes.insert(0, f"ranked by {ref}'s test scores (seed {ref_run['seed']}); each column: that method's anomaly "
                     "map over the scan (one colour scale per column), its score in the corner")
     return gallery_figure(row_info, columns), notes
+
+
+def _labels_by_key(path: Path) -> dict:
+    try:
+        return {(str(r["path"]), -1 if r["index"] is None else int(r["index"])): r["label"] for r in read_test_scores(path)}
+    except Exception:  # noqa: BLE001 - labels are a courtesy in the row titles
+        return {}
 
 
 # ------------------------------------------------------------------------------------------
@@ -471,7 +409,7 @@ def _split_table(split: dict | None) -> str:
     return _table(["Role", "Images", "Normal", "Abnormal"], rows)
 
 
-def render_html(results: dict, base: Path, n_gallery: int = 4, device: str = "cpu") -> str:
+def render_html(results: dict, base: Path, n_gallery: int = 4) -> str:
     title = results.get("title", "scanomaly report")
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>{_e(title)}</title>\n"
              f"<style>{_CSS}</style>\n</head>\n<body>", f"<h1>{_e(title)}</h1>",
@@ -499,7 +437,7 @@ def render_html(results: dict, base: Path, n_gallery: int = 4, device: str = "cp
     for m in methods:
         runs = []
         for r in _ok_runs(results, m):
-            path = base / r["dir"] / "test_scores.csv"
+            path = base / r["dir"] / TEST_SCORES
             if path.is_file():
                 runs.append((r["seed"], read_test_scores(path)))
             else:
@@ -517,7 +455,7 @@ def render_html(results: dict, base: Path, n_gallery: int = 4, device: str = "cp
     if methods and n_gallery > 0:
         parts.append("<h2>Most and least anomalous test images</h2>")
         try:
-            uri, gallery_notes = _gallery(base, results, n_gallery, device)
+            uri, gallery_notes = _gallery(base, results, n_gallery)
         except Exception as exc:  # noqa: BLE001 - the rest of the report is still worth having
             uri, gallery_notes = None, [f"gallery left out ({type(exc).__name__}: {exc})"]
         if uri:
@@ -533,11 +471,11 @@ def render_html(results: dict, base: Path, n_gallery: int = 4, device: str = "cp
     return "\n".join(parts)
 
 
-def build_report(directory, out=None, n_gallery: int = 4, device: str = "cpu") -> Path:
+def build_report(directory, out=None, n_gallery: int = 4) -> Path:
     """Write DIR/report.html (or `out`) for a benchmark folder or a single run folder; returns its path."""
     base = Path(directory)
     results, _ = load_any(base)
-    text = render_html(results, base, n_gallery=n_gallery, device=device)
+    text = render_html(results, base, n_gallery=n_gallery)
     path = Path(out) if out is not None else base / REPORT_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

@@ -2,8 +2,8 @@
 
 import importlib
 
-# one module per method; a module whose optional dependency is missing still registers,
-# and raises a clear error only when used
+# one module per method, imported here so that it registers; a listed module that does not exist is
+# skipped, any other import error (a dependency a method needs) is raised
 for _module in ("healthygan", "anogan", "fanogan", "ganomaly", "alad", "alocc", "padim", "patchcore"):
     try:
         importlib.import_module(f"{__name__}.{_module}")

@@ -45,11 +45,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
-from ..detector import ReconstructionDetector, anomaly_map, load_module_state, module_state, as_tensor, register
+from ..detector import anomaly_map, register
 from ..distributed import per_sample_randn
 from ..errors import ScanomalyError
 from ..nn.blocks import dcgan_decoder, dcgan_encoder, num_halvings
-from ..training.loop import GANTask, GANTrainer, LoopSettings, Phase
+from ..training.loop import GANTask, LoopConfig, Phase
+from ._gan import GANDetector
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,7 +278,7 @@ class ALADTask(GANTask):
 # the detector
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class ALADConfig:
+class ALADConfig(LoopConfig):
     latent: int = 100
     width: int = 128  # E, G and D_xz's image path: 128-256-512 at 32 px
     max_width: int = 512
@@ -292,18 +293,16 @@ class ALADConfig:
     lr: float = 2e-4
     betas: tuple = (0.5, 0.999)
     lr_decay_fraction: float = 0.0  # the code keeps the learning rate constant
-    ema_decay: float = 0.999  # the code scores with EMA weights; 0 scores the raw ones
     hflip: bool = False  # the paper does not augment; a flipped chest X-ray is not a healthy one
     checkpoint_every: int = 1000
     sample_every: int = 1000
-    keep_snapshots: bool = False  # keep every checkpoint's scoring weights (analysis)
-    seed: int = 0
+    # ema_decay keeps LoopConfig's 0.999: the code scores with EMA weights too
 
 
 @register
-class ALAD(ReconstructionDetector):
+class ALAD(GANDetector):
     name = "alad"
-    distributed_training = True
+    scoring_networks = ("encoder", "generator", "d_xx")  # E and G reconstruct, D_xx's features score
     Config = ALADConfig
     profiles = {
         # the official CIFAR-10 setting: 32 px, 3 channels
@@ -361,37 +360,17 @@ class ALAD(ReconstructionDetector):
         self.d_xx = ImageCycleDiscriminator(ch, s, c.dxx_width, c.dropout).to(self.device)
         self.d_zz = LatentCycleDiscriminator(c.latent, c.dzz_width, c.dropout).to(self.device)
         # the networks that score: replaced by their EMA copies after fit
-        self.scoring = {"encoder": self.encoder, "generator": self.generator, "d_xx": self.d_xx}
-        self.train_result = None
 
     # -- fit ---------------------------------------------------------------------------------
     def fit(self, healthy, unlabeled=None, *, work_dir=None, progress=True):
         """Train on healthy images only (`unlabeled` is not used by this one-class method)."""
-        x = as_tensor(healthy)
-        if len(x) == 0:
-            raise ScanomalyError("alad needs at least one healthy training image")
-        c = self.config
-        task = ALADTask(self.encoder, self.generator, self.d_xz, self.d_xx, self.d_zz, c)
-        settings = LoopSettings.from_config(c, self.precision)
-        trainer = GANTrainer(task, {"x": x}, settings, work_dir, self.device, progress, sample_batch={"x": x[:8]})
-        self.train_result = trainer.fit()
-        mods = trainer.scoring_modules()
-        self.scoring = {k: mods[k].eval() for k in self.scoring}
+        x = self._healthy_tensor(healthy)
+        task = ALADTask(self.encoder, self.generator, self.d_xz, self.d_xx, self.d_zz, self.config)
+        self.train_result = self._train(task, {"x": x}, work_dir, progress, sample_batch={"x": x[:8]})
         return self
 
     # -- score -------------------------------------------------------------------------------
     def scoring_network(self) -> FeatureMatchingScorer:
         return FeatureMatchingScorer(self.scoring["encoder"], self.scoring["generator"], self.scoring["d_xx"])
 
-    # -- persistence: E, G and D_xx score; D_xz and D_zz are only needed to train ---------------
-    def state_tensors(self):
-        return module_state(self.scoring)
-
-    def load_state_tensors(self, tensors):
-        own = {"encoder": self.encoder, "generator": self.generator, "d_xx": self.d_xx}
-        load_module_state(own, tensors)
-        self.scoring = own
-
-    def extra_state(self):
-        r = self.train_result
-        return {} if r is None else {"trained_steps": r.steps}
+    # persistence (GANDetector): E, G and D_xx are saved; D_xz and D_zz are only needed to train

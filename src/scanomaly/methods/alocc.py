@@ -43,11 +43,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..detector import ReconstructionDetector, anomaly_map, load_module_state, module_state, as_tensor, register
+from ..detector import anomaly_map, register
 from ..distributed import per_sample_randn
 from ..errors import ScanomalyError
 from ..nn.blocks import dcgan_init
-from ..training.loop import GANTask, GANTrainer, LoopSettings, Phase
+from ..training.loop import GANTask, LoopConfig, Phase
+from ._gan import GANDetector
 
 SCORE_MODES = ("reconstructed", "input")
 
@@ -202,7 +203,7 @@ class ALOCCTask(GANTask):
 # the detector
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class ALOCCConfig:
+class ALOCCConfig(LoopConfig):
     width: int = 16  # D: w, 2w, 4w, 8w; R's encoder: 2w, 4w, 8w (the code's df_dim)
     decoder_width: int = 16  # R's decoder: 2g, g (the code's gf_dim)
     noise_std: float = 0.155  # σ of the training noise, in [0, 1] intensity units
@@ -216,16 +217,12 @@ class ALOCCConfig:
     lr_decay_fraction: float = 0.0  # the paper keeps the learning rate constant
     ema_decay: float = 0.0  # 0: score with the raw networks, as the paper does
     hflip: bool = False  # the paper does not augment; a flipped chest X-ray is not a healthy one
-    checkpoint_every: int = 500
-    sample_every: int = 500
-    keep_snapshots: bool = False  # keep every checkpoint's scoring weights (analysis)
-    seed: int = 0
 
 
 @register
-class ALOCC(ReconstructionDetector):
+class ALOCC(GANDetector):
     name = "alocc"
-    distributed_training = True
+    scoring_networks = ("reconstructor", "discriminator")  # D scores R's reconstruction
     Config = ALOCCConfig
     profiles = {
         # the code's widths and batch; 32 px grayscale, the power of two nearest its 28 px MNIST
@@ -270,37 +267,17 @@ class ALOCC(ReconstructionDetector):
         self.discriminator = Discriminator(p.channels, p.image_size, c.width).to(self.device)
         dcgan_init(self.reconstructor)
         dcgan_init(self.discriminator)
-        self.scoring = {"reconstructor": self.reconstructor, "discriminator": self.discriminator}
-        self.train_result = None
 
     # -- fit ---------------------------------------------------------------------------------
     def fit(self, healthy, unlabeled=None, *, work_dir=None, progress=True):
         """Train on healthy images only (`unlabeled` is not used by this one-class method)."""
-        x = as_tensor(healthy)
-        if len(x) == 0:
-            raise ScanomalyError("alocc needs at least one healthy training image")
-        c = self.config
-        task = ALOCCTask(self.reconstructor, self.discriminator, c)
-        settings = LoopSettings.from_config(c, self.precision)
-        trainer = GANTrainer(task, {"x": x}, settings, work_dir, self.device, progress, sample_batch={"x": x[:8]})
-        self.train_result = trainer.fit()
-        mods = trainer.scoring_modules()
-        self.scoring = {k: mods[k].eval() for k in self.scoring}
+        x = self._healthy_tensor(healthy)
+        task = ALOCCTask(self.reconstructor, self.discriminator, self.config)
+        self.train_result = self._train(task, {"x": x}, work_dir, progress, sample_batch={"x": x[:8]})
         return self
 
     # -- score -------------------------------------------------------------------------------
     def scoring_network(self) -> DiscriminatorScorer:
         return DiscriminatorScorer(self.scoring["reconstructor"], self.scoring["discriminator"], self.config.score_mode)
 
-    # -- persistence: both networks score ------------------------------------------------------
-    def state_tensors(self):
-        return module_state(self.scoring)
-
-    def load_state_tensors(self, tensors):
-        own = {"reconstructor": self.reconstructor, "discriminator": self.discriminator}
-        load_module_state(own, tensors)
-        self.scoring = own
-
-    def extra_state(self):
-        r = self.train_result
-        return {} if r is None else {"trained_steps": r.steps}
+    # persistence (GANDetector): both networks are saved

@@ -44,13 +44,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..detector import ReconstructionDetector, load_module_state, module_state, as_tensor, register
+from ..detector import register
 from ..distributed import per_sample_rand
 from ..errors import ScanomalyError
 from ..nn.blocks import dcgan_decoder, dcgan_encoder, dcgan_init
-from ..training.loop import GANTask, GANTrainer, LoopSettings, Phase
+from ..training.loop import GANTask, LoopConfig, Phase
+from ._gan import GANDetector
 
-CHANNELS_LAST = torch.channels_last  # ~25% faster convolutions on the CPU, neutral elsewhere
+# Memory format of the networks and their inputs, as f-AnoGAN's (see there: faster scoring on the CPU in a shared-machine
+# measurement; not measured for these DCGAN networks, and HealthyGAN's trained 5.8x slower in it, BENCHMARKS.md)
+CHANNELS_LAST = torch.channels_last
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +273,7 @@ class AnoGANTask(GANTask):
 # the detector
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class AnoGANConfig:
+class AnoGANConfig(LoopConfig):
     latent_dim: int = 100
     width: int = 64  # G's last / D's first width; doubles per layer up to max_width
     max_width: int = 512
@@ -279,6 +282,7 @@ class AnoGANConfig:
     lr: float = 2e-4  # DCGAN's Adam settings
     betas: tuple = (0.5, 0.999)
     lr_decay_fraction: float = 0.0  # the paper: constant learning rate
+    ema_decay: float = 0.0  # no EMA: the trained networks score
     hflip: bool = False
     checkpoint_every: int = 5000
     sample_every: int = 5000
@@ -290,17 +294,17 @@ class AnoGANConfig:
     search_tol: float = 0.0  # early stop: relative gain per `search_patience` steps; 0 = always Γ steps
     search_patience: int = 10
     project_z: bool = True  # keep z in [−1, 1]
-    seed: int = 0  # training, and the starting points of the search
+    # `seed` (LoopConfig) seeds training and the starting points of the search
 
 
 @register
-class AnoGAN(ReconstructionDetector):
+class AnoGAN(GANDetector):
     name = "anogan"
+    scoring_networks = ("generator", "discriminator")  # G draws, D's features f score
     not_exportable_because = (
         "its score searches the latent space for each image (Γ steps of gradient descent on z), which is "
         "not one forward pass; f-AnoGAN (fanogan) replaces the search with an encoder and exports"
     )
-    distributed_training = True
     Config = AnoGANConfig
     profiles = {
         # the paper: 64 x 64 grayscale, DCGAN width 64, Γ = 500, λ = 0.1 (GPU); 100k iterations is
@@ -355,20 +359,16 @@ class AnoGAN(ReconstructionDetector):
         torch.manual_seed(c.seed)  # the initial weights are part of the seeded run
         self.generator = Generator(c.latent_dim, p.channels, p.image_size, c.width, c.max_width).to(self.device)
         self.discriminator = Discriminator(p.channels, p.image_size, c.width, c.max_width).to(self.device)
-        self.train_result = None
 
     # -- fit ---------------------------------------------------------------------------------
     def fit(self, healthy, unlabeled=None, *, work_dir=None, progress=True):
-        x = as_tensor(healthy)
-        if len(x) == 0:
-            raise ScanomalyError("AnoGAN needs at least one healthy training image")
-        c = self.config
-        task = AnoGANTask(self.generator, self.discriminator, c)
-        settings = LoopSettings.from_config(c, self.precision)
-        trainer = GANTrainer(task, {"x": x}, settings, work_dir, self.device, progress, sample_batch={"x": x[:8]})
-        self.train_result = trainer.fit()
-        self._eval()
+        x = self._healthy_tensor(healthy)
+        task = AnoGANTask(self.generator, self.discriminator, self.config)
+        self.train_result = self._train(task, {"x": x}, work_dir, progress, sample_batch={"x": x[:8]})
         return self
+
+    def _ready_to_score(self) -> None:
+        self._eval()
 
     def _eval(self) -> None:
         # eval: BatchNorm on running statistics, so that the images of a batch do not interact;
@@ -401,14 +401,9 @@ class AnoGAN(ReconstructionDetector):
         r = self.search(x)
         return r.generated, r.loss
 
-    # -- persistence: both networks are needed to score (G to draw, D for f) ---------------------
-    def state_tensors(self):
-        return module_state({"generator": self.generator, "discriminator": self.discriminator})
-
-    def load_state_tensors(self, tensors):
-        load_module_state({"generator": self.generator, "discriminator": self.discriminator}, tensors)
-        self._eval()
-
+    # -- persistence (GANDetector): both networks are needed to score (G to draw, D for f) -------------
     def extra_state(self):
-        r = self.train_result
-        return {} if r is None else {"trained_steps": r.steps, "iterations_per_second": r.iterations_per_second}
+        out = super().extra_state()
+        if out:
+            out["iterations_per_second"] = self.train_result.iterations_per_second
+        return out

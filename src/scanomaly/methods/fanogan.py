@@ -35,20 +35,24 @@ What differs from the paper / official code, and why:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from ..detector import ReconstructionDetector, anomaly_map, load_module_state, module_state, as_tensor, register
+from ..detector import anomaly_map, register
 from ..errors import ScanomalyError
 from ..distributed import per_sample_randn
 from ..nn.blocks import gradient_penalty
 from ..nn.wgan_resnet import ResNetCritic, ResNetGenerator
-from ..training.loop import GANTask, GANTrainer, LoopSettings, Phase
+from ..training.loop import GANTask, LoopConfig, Phase
+from ._gan import GANDetector
 
-CHANNELS_LAST = torch.channels_last  # ~25% faster convolutions on the CPU (measured), neutral elsewhere
+# Memory format of the networks and their inputs. Measured on the shared 2-core CPU (2026-12-02, one thread, load ~5,
+# cpu profile): scoring 64 images took 2.5 / 1.3 s in channels_last against 3.8 / 1.7 s without; training speed was
+# within the noise. It is a per-network choice: HealthyGAN's networks trained 5.8x slower in it (BENCHMARKS.md).
+CHANNELS_LAST = torch.channels_last
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,7 +193,7 @@ class EncoderTask(GANTask):
 # the detector
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class FAnoGANConfig:
+class FAnoGANConfig(LoopConfig):
     latent_dim: int = 128
     width: int = 64  # d: the generator runs 8d, 8d, 4d, 2d, d; critic and encoder d, 2d, 4d, 8d, 8d
     # stage 1: WGAN-GP
@@ -200,6 +204,7 @@ class FAnoGANConfig:
     betas: tuple = (0.0, 0.9)
     lambda_gp: float = 10.0
     lr_decay_fraction: float = 0.0  # the official code: constant learning rate (both stages)
+    ema_decay: float = 0.0  # no EMA: the trained networks score
     # stage 2: izi_f encoder
     encoder_iterations: int = 50_000
     encoder_lr: float = 5e-5  # RMSProp
@@ -208,13 +213,12 @@ class FAnoGANConfig:
     hflip: bool = False
     checkpoint_every: int = 5000
     sample_every: int = 5000
-    seed: int = 0
 
 
 @register
-class FAnoGAN(ReconstructionDetector):
+class FAnoGAN(GANDetector):
     name = "fanogan"
-    distributed_training = True
+    scoring_networks = ("generator", "critic", "encoder")  # E and G reconstruct, D gives f
     Config = FAnoGANConfig
     profiles = {
         # the paper: 64 x 64 grayscale, d = 64, 100k generator steps, 50k encoder steps (GPU)
@@ -263,14 +267,11 @@ class FAnoGAN(ReconstructionDetector):
             raise ScanomalyError(f"n_critic must be >= 1, got {c.n_critic}")
         torch.manual_seed(c.seed)  # the initial weights are part of the seeded run
         self.generator, self.critic, self.encoder = (m.to(self.device) for m in build_networks(c, p.channels, p.image_size))
-        self.train_result = None  # stage 1's
-        self.encoder_result = None  # stage 2's
+        self.encoder_result = None  # stage 2's (train_result: stage 1's)
 
     # -- fit ---------------------------------------------------------------------------------
     def fit(self, healthy, unlabeled=None, *, work_dir=None, progress=True):
-        x = as_tensor(healthy)
-        if len(x) == 0:
-            raise ScanomalyError("f-AnoGAN needs at least one healthy training image")
+        x = self._healthy_tensor(healthy)
         c = self.config
         stage_dir = (lambda name: None) if work_dir is None else (lambda name: Path(work_dir) / name)  # noqa: E731
         sample = {"x": x[:8]}
@@ -278,27 +279,18 @@ class FAnoGAN(ReconstructionDetector):
         # stage 1: the WGAN-GP (reloaded, not retrained, when work_dir/stage1 holds a finished run)
         self.generator.train().requires_grad_(True)
         self.critic.train().requires_grad_(True)
-        stage1 = GANTrainer(
-            WGANGPTask(self.generator, self.critic, c), {"x": x}, self._settings(c.iterations, c.lr_decay_fraction),
-            stage_dir("stage1"), self.device, progress, sample_batch=sample,
-        )
-        self.train_result = stage1.fit()
+        self.train_result = self._train(WGANGPTask(self.generator, self.critic, c), {"x": x}, stage_dir("stage1"),
+                                        progress, sample_batch=sample)
 
-        # stage 2: the encoder, against the frozen G and D
-        stage2 = GANTrainer(
-            EncoderTask(self.encoder, self.generator, self.critic, c), {"x": x},
-            self._settings(c.encoder_iterations, c.lr_decay_fraction, seed_offset=1),
-            stage_dir("stage2"), self.device, progress, sample_batch=sample,
+        # stage 2: the encoder, against the frozen G and D; its own iterations and seed, the same other settings
+        self.encoder_result = self._train(
+            EncoderTask(self.encoder, self.generator, self.critic, c), {"x": x}, stage_dir("stage2"), progress,
+            config=replace(c, iterations=c.encoder_iterations, seed=c.seed + 1), sample_batch=sample,
         )
-        self.encoder_result = stage2.fit()
-        self._eval()
         return self
 
-    def _settings(self, iterations: int, decay: float, seed_offset: int = 0) -> LoopSettings:
-        c = self.config
-        return LoopSettings.from_config(
-            c, self.precision, iterations=iterations, seed=c.seed + seed_offset, lr_decay_fraction=decay
-        )
+    def _ready_to_score(self) -> None:
+        self._eval()
 
     def _eval(self) -> None:
         for m in (self.generator, self.critic, self.encoder):
@@ -308,17 +300,7 @@ class FAnoGAN(ReconstructionDetector):
     def scoring_network(self) -> IzifScorer:
         return IzifScorer(self.encoder, self.generator, self.critic, self.config.kappa)
 
-    # -- persistence: all three networks score (E and G reconstruct, D gives f) --------------------
-    def _networks(self) -> dict[str, nn.Module]:
-        return {"generator": self.generator, "critic": self.critic, "encoder": self.encoder}
-
-    def state_tensors(self):
-        return module_state(self._networks())
-
-    def load_state_tensors(self, tensors):
-        load_module_state(self._networks(), tensors)
-        self._eval()
-
+    # -- persistence (GANDetector): all three networks score --------------------------------------------
     def extra_state(self):
         out = {}
         for stage, r in (("stage1", self.train_result), ("stage2", self.encoder_result)):

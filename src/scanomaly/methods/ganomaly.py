@@ -38,10 +38,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..detector import ReconstructionDetector, anomaly_map, load_module_state, module_state, as_tensor, register
+from ..detector import anomaly_map, register
 from ..errors import ScanomalyError
 from ..nn.blocks import dcgan_decoder, dcgan_encoder, dcgan_init, num_halvings
-from ..training.loop import GANTask, GANTrainer, LoopSettings, Phase
+from ..training.loop import GANTask, LoopConfig, Phase
+from ._gan import GANDetector
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,7 +198,7 @@ class GANomalyTask(GANTask):
 # the detector
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class GANomalyConfig:
+class GANomalyConfig(LoopConfig):
     latent: int = 100
     width: int = 64
     max_width: int = 512  # the official widths double without a cap; at 32-64 px they stay <= 512
@@ -216,14 +217,12 @@ class GANomalyConfig:
     hflip: bool = False  # the paper does not augment; a flipped chest X-ray is not a healthy one
     checkpoint_every: int = 1000
     sample_every: int = 1000
-    keep_snapshots: bool = False  # keep every checkpoint's scoring weights (analysis)
-    seed: int = 0
 
 
 @register
-class GANomaly(ReconstructionDetector):
+class GANomaly(GANDetector):
     name = "ganomaly"
-    distributed_training = True
+    scoring_networks = ("generator",)
     Config = GANomalyConfig
     profiles = {
         # the official defaults: 32 px, 3 channels (CIFAR-10), width 64, latent 100, batch 64
@@ -268,41 +267,31 @@ class GANomaly(ReconstructionDetector):
         self.discriminator = Discriminator(p.channels, p.image_size, c.width, c.max_width).to(self.device)
         dcgan_init(self.generator)
         dcgan_init(self.discriminator)
-        self.scoring_generator = self.generator  # replaced by the EMA weights after fit when ema_decay > 0
-        self.train_result = None
         self.task = None
 
     # -- fit ---------------------------------------------------------------------------------
     def fit(self, healthy, unlabeled=None, *, work_dir=None, progress=True):
         """Train on healthy images only (`unlabeled` is not used by this one-class method)."""
-        x = as_tensor(healthy)
-        if len(x) == 0:
-            raise ScanomalyError("ganomaly needs at least one healthy training image")
-        c = self.config
-        self.task = GANomalyTask(self.generator, self.discriminator, c)
-        settings = LoopSettings.from_config(c, self.precision)
-        trainer = GANTrainer(self.task, {"x": x}, settings, work_dir, self.device, progress, sample_batch={"x": x[:8]})
-        self.train_result = trainer.fit()
-        self.scoring_generator = trainer.scoring_modules()["generator"].eval()
+        x = self._healthy_tensor(healthy)
+        self.task = GANomalyTask(self.generator, self.discriminator, self.config)
+        self.train_result = self._train(self.task, {"x": x}, work_dir, progress, sample_batch={"x": x[:8]})
         return self
+
+    @property
+    def scoring_generator(self) -> "Generator":
+        """The generator that scores: the EMA copy after fit when ema_decay > 0, else the own one."""
+        return self.scoring["generator"]
 
     # -- score -------------------------------------------------------------------------------
     def scoring_network(self) -> LatentScorer:
         return LatentScorer(self.scoring_generator)
 
-    # -- persistence: the generator is the model; the discriminator is only needed to train ----
-    def state_tensors(self):
-        return module_state({"generator": self.scoring_generator})
-
-    def load_state_tensors(self, tensors):
-        load_module_state({"generator": self.generator}, tensors)
-        self.scoring_generator = self.generator
-
+    # -- persistence (GANDetector): the generator is the model; the discriminator is only needed to train
     def extra_state(self):
-        r = self.train_result
-        if r is None:
-            return {}
-        return {"trained_steps": r.steps, "discriminator_reinitialisations": self.task.reinitialisations}
+        out = super().extra_state()
+        if out:
+            out["discriminator_reinitialisations"] = self.task.reinitialisations
+        return out
 
 
 def _check_image_size(method: str, image_size: int) -> None:

@@ -17,24 +17,26 @@ scoring uses an exponential moving average of the generator's weights; the criti
 width follow the image size; and the scoring checkpoint can be chosen label-free by AUCp (the
 authors' pseudo-AUC of held-out healthy scans against the unlabeled pool). The cpu profile also
 histogram-equalises every scan, so that exposure differences do not pass for disease at 64 px,
-and weights the identity term 5x (the paper: 1), with which the original's masks (0.5 at the
-start) learn better than masks that start small (BENCHMARKS.md, session 12).
+and weights the identity term 5x (the paper: 1), which anchors the translation with the original's
+masks (0.5 at the start; BENCHMARKS.md, HealthyGAN cpu profile).
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn as nn
 from sklearn.metrics import roc_auc_score
 
-from ..detector import ReconstructionDetector, anomaly_map, as_tensor, register
+from ..detector import anomaly_map, as_tensor, register
 from ..errors import ScanomalyError
 from ..nn.blocks import ResidualBlock, gradient_penalty, num_halvings
-from ..training.loop import GANTask, GANTrainer, LoopSettings, Phase
+from ..training.loop import GANTask, LoopConfig, Phase
+from ._gan import GANDetector
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,12 +47,9 @@ class MaskedTranslator(nn.Module):
     two stride-2 ups, 7x7 head to C+1 channels: C for the translation T, 1 for the mask M."""
 
     def __init__(
-        self, channels: int = 1, width: int = 64, residual_blocks: int = 6, mask_offset: float = 0.0, upsample: str = "transposed"
+        self, channels: int = 1, width: int = 64, residual_blocks: int = 6
     ):
         super().__init__()
-        # a fixed offset on the mask logit: 0 is the original (masks start at 0.5 everywhere);
-        # negative starts the translation as the identity, so the mask grows only where needed
-        self.mask_offset = mask_offset
         w = width
         layers: list[nn.Module] = [
             nn.Conv2d(channels, w, 7, 1, 3, bias=False),
@@ -62,13 +61,8 @@ class MaskedTranslator(nn.Module):
             w *= 2
         layers += [ResidualBlock(w) for _ in range(residual_blocks)]
         for _ in range(2):
-            if upsample == "transposed":  # the original
-                up = [nn.ConvTranspose2d(w, w // 2, 4, 2, 1, bias=False)]
-            elif upsample == "nearest":  # no checkerboard artefacts (Odena et al. 2016), which binary masks amplify
-                up = [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(w, w // 2, 3, 1, 1, bias=False)]
-            else:
-                raise ScanomalyError(f"upsample must be 'transposed' or 'nearest', got {upsample!r}")
-            layers += [*up, nn.InstanceNorm2d(w // 2, affine=True), nn.ReLU(inplace=True)]
+            layers += [nn.ConvTranspose2d(w, w // 2, 4, 2, 1, bias=False), nn.InstanceNorm2d(w // 2, affine=True),
+                       nn.ReLU(inplace=True)]
             w //= 2
         layers.append(nn.Conv2d(w, channels + 1, 7, 1, 3, bias=False))
         self.net = nn.Sequential(*layers)
@@ -77,7 +71,7 @@ class MaskedTranslator(nn.Module):
         """Returns (healthy, T, M)."""
         out = self.net(x)
         translation = torch.tanh(out[:, :-1])
-        mask = (torch.tanh(out[:, -1:] + self.mask_offset) + 1) / 2
+        mask = (torch.tanh(out[:, -1:]) + 1) / 2  # 0.5 everywhere at initialisation
         healthy = mask * translation + (1 - mask) * x
         return healthy, translation, mask
 
@@ -192,14 +186,12 @@ class HealthyGANTask(GANTask):
 # the detector
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class HealthyGANConfig:
+class HealthyGANConfig(LoopConfig):
     width: int = 64
     residual_blocks: int = 6
     critic_width: int = 64
     critic_max_width: int = 2048
-    critic_final_size: int = 4
     iterations: int = 400_000
-    batch_size: int = 16
     n_critic: int = 2
     lr: float = 1e-4
     betas: tuple = (0.5, 0.999)
@@ -207,27 +199,25 @@ class HealthyGANConfig:
     lambda_id: float = 1.0
     lambda_rec: float = 1.0
     lambda_mask: float = 0.1
-    mask_offset: float = 0.0  # fixed offset on the mask logit (0 = original; negative = start from identity)
-    upsample: str = "transposed"  # "transposed" (original) or "nearest" (upsample + conv3x3)
-    lr_decay_fraction: float = 0.25
-    ema_decay: float = 0.999  # scoring uses the EMA generator; 0 scores the raw generator
-    hflip: bool = True
-    frame_jitter: float = 0.0  # random zoom / shift of training scans by up to this fraction (not in the original)
     checkpoint_every: int = 10_000
     sample_every: int = 10_000
     selection: str = "aucp"  # "aucp": keep the checkpoint with the best pseudo-AUC; "last": the final one
     holdout_fraction: float = 0.1  # of B (when no holdout set is given) and of A, held out of training for AUCp
     aucp_pool: int = 256  # at most this many held-out unlabeled images are scored for AUCp
-    keep_snapshots: bool = False
-    seed: int = 0
+    # the rest of the loop's settings (batch_size 16, lr_decay_fraction 0.25, ema_decay 0.999: the EMA generator
+    # scores, hflip, seed, keep_snapshots) keep LoopConfig's defaults
+
+    retired_options: ClassVar[dict] = {**LoopConfig.retired_options, "mask_offset": 0.0, "upsample": "transposed",
+                                       "critic_final_size": 4}
 
 
 @register
-class HealthyGAN(ReconstructionDetector):
+class HealthyGAN(GANDetector):
     name = "healthygan"
-    distributed_training = True
     Config = HealthyGANConfig
+    scoring_networks = ("generator",)
     needs_unlabeled = True
+    takes_holdout = True
     profiles = {
         # the original: 256 px RGB, width 64, 2048-channel critic, 400k iterations on a GPU
         "paper": {
@@ -237,19 +227,18 @@ class HealthyGAN(ReconstructionDetector):
         # ~28 minutes on 2 free CPU cores (see BENCHMARKS.md for how this trade-off was chosen)
         "cpu": {
             # At this scale the original recipe collapses (a checkerboard texture with masks ≈ 1 that
-            # fools a weak critic; validation AUROC 0.45 at 250 iterations). What made it learn, measured
-            # on validation data only (BENCHMARKS.md): a wider critic (64→512), first with 5 critic steps
-            # per generator step, and masks that start small (mask_offset −1: M ≈ 0.12 at initialisation).
-            # Histogram equalisation of every scan (run EQ) then lifted the validation AUROC of seed 0 from
-            # 0.65 to 0.80 at 2,000 iterations, and a higher lr for both networks (3e-4; runs LR2, LR3) made
-            # every seed learn faster. With that wider critic the paper's 2 critic steps work again and learn
-            # more per CPU-minute (run NC2): 2,800 iterations give the generator 1,400 steps for the compute
-            # that 4,000 iterations at 5 critic steps spent on 800. The betas and the schedule are the paper's.
-            # A GPU sweep of cost-matched variants (run OFF0ID5) then brought back the original's masks
-            # (0.5 at initialisation, mask_offset 0): the highest validation AUROC of any variant, but one
-            # seed in five lost the game; a 5x identity weight on B anchors the translation. On the CPU the
-            # pair lifted validation from 0.848 to 0.894 over three seeds (test only 0.767 -> 0.773; over five
-            # seeds 0.748 ± 0.039). Checkpoints: AUCp's pick, not the last one (10 runs, validation 0.878 vs 0.873).
+            # fools a weak critic; validation AUROC 0.45 at 250 iterations). What made it learn, each step
+            # chosen on validation data only (BENCHMARKS.md, HealthyGAN cpu profile; 2026-11): a wider
+            # critic (64→512); histogram equalisation of every scan (validation AUROC of seed 0 from 0.65
+            # to 0.80 at 2,000 iterations); lr 3e-4 for both networks (every seed learned faster); the
+            # paper's 2 critic steps per generator step, which with the wider critic learn more per
+            # CPU-minute than 5 (2,800 iterations give the generator 1,400 steps for the compute that 4,000
+            # iterations at 5 critic steps spent on 800); and, from a GPU sweep of cost-matched variants, the
+            # original's masks (0.5 at initialisation) with a 5x identity weight on B, which anchors the
+            # translation (alone, those masks had the best validation AUROC but lost the game in one seed
+            # of five). On the CPU that pair lifted validation from 0.848 to 0.894 over three seeds (test
+            # 0.767 -> 0.773; over five seeds 0.748 ± 0.039). The betas and the schedule are the paper's.
+            # Checkpoints: AUCp's pick, not the last one (10 runs, validation 0.878 vs 0.873).
             "config": {
                 "lr": 3e-4,
                 "width": 32,
@@ -257,7 +246,6 @@ class HealthyGAN(ReconstructionDetector):
                 "critic_width": 64,
                 "critic_max_width": 512,
                 "n_critic": 2,
-                "mask_offset": 0.0,
                 "lambda_id": 5.0,
                 "iterations": 2800,
                 "checkpoint_every": 250,
@@ -289,10 +277,13 @@ class HealthyGAN(ReconstructionDetector):
         if c.selection not in ("aucp", "last"):
             raise ScanomalyError(f"selection must be 'aucp' or 'last', got {c.selection!r}")
         torch.manual_seed(c.seed)  # the initial weights are part of the seeded run
-        self.generator = MaskedTranslator(p.channels, c.width, c.residual_blocks, c.mask_offset, c.upsample).to(self.device)
-        self.critic = PatchCritic(p.channels, p.image_size, c.critic_width, c.critic_max_width, c.critic_final_size).to(self.device)
-        self.scoring_generator = self.generator  # replaced by the EMA / AUCp-selected weights after fit
-        self.train_result = None
+        self.generator = MaskedTranslator(p.channels, c.width, c.residual_blocks).to(self.device)
+        self.critic = PatchCritic(p.channels, p.image_size, c.critic_width, c.critic_max_width).to(self.device)
+
+    @property
+    def scoring_generator(self) -> MaskedTranslator:
+        """The generator that scores: the EMA copy, with AUCp's chosen weights, after fit; the own one before."""
+        return self.scoring["generator"]
 
     # -- fit ---------------------------------------------------------------------------------
     def fit(self, healthy, unlabeled=None, *, holdout=None, work_dir=None, progress=True):
@@ -317,23 +308,14 @@ class HealthyGAN(ReconstructionDetector):
             evaluate = lambda mods: self._aucp(mods["generator"], x_hold, pool)  # noqa: E731
 
         task = HealthyGANTask(self.generator, self.critic, c)
-        settings = LoopSettings.from_config(c, self.precision)
-        sample = {"a": x_a[:8]}
-        trainer = GANTrainer(task, {"a": x_a, "b": x_b}, settings, work_dir, self.device, progress, evaluate, sample)
-        self.train_result = trainer.fit()
-        self.scoring_generator = trainer.scoring_modules()["generator"]
-        if evaluate is not None and work_dir is not None and self.train_result.best_step is not None:
-            self._load_best(work_dir)
+        self.train_result = self._train(task, {"a": x_a, "b": x_b}, work_dir, progress, evaluate=evaluate,
+                                        sample_batch={"a": x_a[:8]})
+        best = self.train_result.best_state
+        if evaluate is not None and best is not None:  # AUCp's choice, handed back in memory by the trainer
+            self.scoring_generator.load_state_dict(
+                {k[len("generator."):]: v for k, v in best.items() if k.startswith("generator.")})
         self.scoring_generator.eval()
         return self
-
-    def _load_best(self, work_dir) -> None:
-        from pathlib import Path
-
-        from safetensors.torch import load_file
-
-        best = load_file(str(Path(work_dir) / "best.safetensors"))
-        self.scoring_generator.load_state_dict({k[len("generator."):]: v for k, v in best.items() if k.startswith("generator.")})
 
     @torch.no_grad()
     def _aucp(self, generator, healthy_holdout, unlabeled_pool) -> float:
@@ -352,14 +334,7 @@ class HealthyGAN(ReconstructionDetector):
     def scoring_network(self) -> HealthyScorer:
         return HealthyScorer(self.scoring_generator)
 
-    # -- persistence: the scoring generator is the model; the critic is only needed to train ----
-    def state_tensors(self):
-        return {f"generator.{k}": v for k, v in self.scoring_generator.state_dict().items()}
-
-    def load_state_tensors(self, tensors):
-        self.generator.load_state_dict({k[len("generator."):]: v for k, v in tensors.items() if k.startswith("generator.")})
-        self.scoring_generator = self.generator.eval()
-
+    # -- persistence (GANDetector): the scoring generator is the model; the critic is only needed to train
     def extra_state(self):
         r = self.train_result
         if r is None:

@@ -5,8 +5,7 @@ is one loss, minimised by one optimizer over some modules, every `every` iterati
 n_critic is a critic phase every iteration and a generator phase every 2nd or 5th). The loop
 does everything else, once for all methods:
 
-- batches from in-memory tensors, reshuffled each epoch by a seeded generator, optional flips and
-  random re-framing (zoom and shift);
+- batches from in-memory tensors, reshuffled each epoch by a seeded generator, optional flips;
 - data-parallel training on several processes (torchrun; see `scanomaly.distributed`): each phase's
   networks are wrapped in DistributedDataParallel, each rank trains on its slice of the global batch,
   rank 0 writes checkpoints, logs and samples, every rank resumes from the same checkpoint;
@@ -29,14 +28,14 @@ import csv
 import os
 import random
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import numpy as np
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .. import distributed
@@ -44,6 +43,7 @@ from ..errors import ScanomalyError, TrainingDiverged
 from ..nn.blocks import EMA
 
 CHECKPOINT = "checkpoint.pt"
+BEST = "best.safetensors"  # the scoring weights of the best-evaluated checkpoint
 
 
 @dataclass
@@ -57,25 +57,27 @@ class Phase:
 
 
 @dataclass
-class LoopSettings:
-    iterations: int
+class LoopConfig:
+    """The loop's settings. Every GAN method's Config extends this class, so they are options of the method
+    like any other (`--set iterations=500`), with the method's own defaults where it redeclares them, and
+    the loop reads them from the config itself."""
+
+    iterations: int = 10_000
     batch_size: int = 16  # the global batch: split evenly over the processes of a distributed run
     seed: int = 0
     lr_decay_fraction: float = 0.25  # decay linearly to 0 over this last fraction of iterations
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999  # EMA of the task's `ema_modules` (which then score); 0: the raw networks score
     hflip: bool = True
-    frame_jitter: float = 0.0  # random zoom and shift of each training image by up to this fraction (0 = off)
     checkpoint_every: int = 500
     sample_every: int = 500
-    log_every: int = 25
-    keep_snapshots: bool = False  # also keep the EMA weights of every checkpoint (for analysis)
-    precision: str = "32"  # "32" | "bf16" | "16-mixed"
+    keep_snapshots: bool = False  # also keep the scoring weights of every checkpoint (for analysis: benchmarks/)
 
-    @classmethod
-    def from_config(cls, config, precision: str = "32", **overrides) -> "LoopSettings":
-        """The settings a method's Config names, field by field (iterations, batch_size, seed, ...)."""
-        named = {f.name: getattr(config, f.name) for f in fields(cls) if hasattr(config, f.name)}
-        return cls(**{**named, "precision": precision, **overrides})
+    # options that earlier versions had, with the value that what the code does now equals: a saved model.json
+    # that holds one at that value still loads; any other value is refused (detector.config_from_dict)
+    retired_options: ClassVar[dict] = {"frame_jitter": 0.0}
+
+
+LOG_EVERY = 25  # iterations per row of losses.csv (means over the window) and per progress-bar update
 
 
 class GANTask(abc.ABC):
@@ -124,15 +126,11 @@ class BatchStream:
     """
 
     def __init__(self, sets: dict[str, torch.Tensor], batch_size: int, seed: int, hflip: bool,
-                 world: distributed.World = distributed.World(), pin_memory: bool = False,
-                 frame_jitter: float = 0.0):
+                 world: distributed.World = distributed.World(), pin_memory: bool = False):
         for name, t in sets.items():
             if len(t) == 0:
                 raise ScanomalyError(f"training set {name!r} has no images")
-        if not 0.0 <= frame_jitter < 0.5:
-            raise ScanomalyError(f"frame_jitter must be in [0, 0.5), got {frame_jitter}")
         self.sets, self.batch_size, self.hflip = sets, batch_size, hflip
-        self.frame_jitter = frame_jitter
         self.shard = world.shard(batch_size)
         self.pin_memory = pin_memory  # page-locked batches copy to a GPU asynchronously
         self.generator = torch.Generator().manual_seed(seed)
@@ -156,8 +154,6 @@ class BatchStream:
             if self.hflip:  # drawn for the global batch on every rank, so the generators stay equal
                 flip = (torch.rand(len(idx), generator=self.generator) < 0.5)[self.shard]
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            if self.frame_jitter > 0:  # drawn only when on, so runs without it keep their RNG stream
-                x = reframe(x, torch.rand(len(idx), 3, generator=self.generator)[self.shard], self.frame_jitter)
             batch[name] = x.pin_memory() if self.pin_memory else x
         return batch
 
@@ -173,24 +169,6 @@ class BatchStream:
         self.generator.set_state(state["generator"])
         self.epoch, self.pos = dict(state["epoch"]), dict(state["pos"])
         self.perm = {k: v.clone() for k, v in state["perm"].items()}
-
-
-def reframe(x: torch.Tensor, u: torch.Tensor, jitter: float) -> torch.Tensor:
-    """Zoom each image by a factor in [1 - jitter, 1 + jitter] and shift it by up to `jitter` of its
-    size in each direction; `u` holds three uniform [0, 1) draws per image (zoom, shift x, shift y).
-
-    Scans of one body part differ in framing from site to site (how much of the shoulders, neck and
-    abdomen is in the film); training on re-framed copies is meant to teach a model that framing is not
-    disease (at the cpu budget it slowed HealthyGAN's learning instead: BENCHMARKS.md, session 10).
-    Edges are extended (border padding), not filled with black, which would look like a film edge.
-    """
-    zoom = 1.0 + jitter * (2 * u[:, 0] - 1)
-    shift = jitter * (2 * u[:, 1:] - 1) * 2  # affine_grid coordinates span [-1, 1]: 2 units per image
-    theta = torch.zeros(len(x), 2, 3, dtype=x.dtype, device=x.device)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1.0 / zoom.to(x.dtype)
-    theta[:, :, 2] = shift.to(x.dtype)
-    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
-    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,39 +226,47 @@ class TrainResult:
     best_step: int | None = None
     best_metric: float | None = None
     history: list[dict] = field(default_factory=list)  # per-checkpoint evaluations
+    # the scoring modules' weights at `best_step` ({"module.param": tensor}), in memory whether or not the run
+    # has a work folder; None without an evaluation
+    best_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
 
 class GANTrainer:
-    """Runs a GANTask for `settings.iterations` iterations, resumably, in `work_dir`."""
+    """Runs a GANTask for `config.iterations` iterations, resumably, in `work_dir`, at `precision`
+    ("32" | "bf16" | "16-mixed")."""
 
     def __init__(
         self,
         task: GANTask,
         sets: dict[str, torch.Tensor],
-        settings: LoopSettings,
+        config: LoopConfig,
         work_dir=None,
         device: torch.device | str = "cpu",
         progress: bool = True,
         evaluate: Callable[[dict[str, nn.Module]], float] | None = None,
         sample_batch: dict[str, torch.Tensor] | None = None,
+        precision: str = "32",
     ):
-        self.task, self.settings = task, settings
+        if not isinstance(config, LoopConfig):
+            raise TypeError(f"GANTrainer needs a LoopConfig (a method's Config extends it), got {type(config).__name__}")
+        self.task, self.config, self.precision = task, config, precision
         self.device = torch.device(device)
         self.work_dir = Path(work_dir) if work_dir is not None else None
         self.progress = progress
         self.evaluate = evaluate  # label-free checkpoint score, higher is better (AUCp)
         self.sample_batch = sample_batch
         self.world = distributed.world()
-        self.stream = BatchStream(sets, settings.batch_size, settings.seed, settings.hflip, self.world,
-                                  pin_memory=self.device.type == "cuda", frame_jitter=settings.frame_jitter)
+        self.stream = BatchStream(sets, config.batch_size, config.seed, config.hflip, self.world,
+                                  pin_memory=self.device.type == "cuda")
         self._ddp: dict[str, nn.Module] = {}  # phase name -> its DistributedDataParallel wrapper
         # ema_decay 0: score with the raw networks
-        ema_names = task.ema_modules if settings.ema_decay > 0 else ()
-        self.ema = {name: EMA(task.modules()[name], settings.ema_decay) for name in ema_names}
-        self.scaler = torch.amp.GradScaler("cuda", enabled=settings.precision == "16-mixed")
+        ema_names = task.ema_modules if config.ema_decay > 0 else ()
+        self.ema = {name: EMA(task.modules()[name], config.ema_decay) for name in ema_names}
+        self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "16-mixed")
         self.step = 0
         self.best_metric: float | None = None
         self.best_step: int | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None  # the scoring modules at best_step
         self.history: list[dict] = []
         # loop time credited by the checkpoint this run resumed from (time spent before a kill on iterations
         # after the last checkpoint is redone, so it is not counted)
@@ -322,7 +308,7 @@ class GANTrainer:
             "best_metric": self.best_metric,
             "best_step": self.best_step,
             "history": self.history,
-            "iterations": self.settings.iterations,
+            "iterations": self.config.iterations,
             "seconds": self.elapsed_seconds(),
         }
 
@@ -348,6 +334,10 @@ class GANTrainer:
         _set_python_rng_state(state["rng"]["python"])
         self.best_metric, self.best_step = state["best_metric"], state["best_step"]
         self.history = list(state["history"])
+        best_file = self.work_dir / BEST if self.work_dir is not None else None
+        if self.best_step is not None and best_file is not None and best_file.is_file():
+            # the best weights of the checkpoints before the resume (every rank reads the same file)
+            self.best_state = {k: v.to(self.device) for k, v in load_file(str(best_file)).items()}
         self.earlier_seconds = float(state.get("seconds", 0.0))  # absent in checkpoints written before it was kept
 
     def save_checkpoint(self) -> None:
@@ -355,7 +345,7 @@ class GANTrainer:
             path = self._checkpoint_path()
             path.parent.mkdir(parents=True, exist_ok=True)
             _atomic_torch_save(self.state_dict(), path)
-            if self.settings.keep_snapshots:
+            if self.config.keep_snapshots:
                 snap_dir = self.work_dir / "snapshots"
                 snap_dir.mkdir(exist_ok=True)
                 _atomic_safetensors(flat_state(self.scoring_modules()), snap_dir / f"step_{self.step:07d}.safetensors")
@@ -370,11 +360,11 @@ class GANTrainer:
             state = torch.load(path, map_location=self.device, weights_only=True)
         except Exception as exc:  # a corrupt file must not be silently trained over
             raise ScanomalyError(f"{path}: cannot read checkpoint ({exc}); move it away to start afresh") from None
-        if state.get("iterations") != self.settings.iterations:
+        if state.get("iterations") != self.config.iterations:
             # a longer/shorter run changes the lr schedule: resuming would not equal an uninterrupted run
             raise ScanomalyError(
                 f"{path} was written by a run of {state.get('iterations')} iterations, this one asks for "
-                f"{self.settings.iterations}; use the same --iters or a new --out folder"
+                f"{self.config.iterations}; use the same --iters or a new --out folder"
             )
         # the RNG state must live on the CPU whatever map_location did
         state["rng"]["torch"] = state["rng"]["torch"].cpu()
@@ -384,7 +374,7 @@ class GANTrainer:
 
     # -- one iteration -------------------------------------------------------------------------
     def _set_lr(self) -> float:
-        factor = lr_factor(self.step, self.settings.iterations, self.settings.lr_decay_fraction)
+        factor = lr_factor(self.step, self.config.iterations, self.config.lr_decay_fraction)
         for opt in self.task.optimizers().values():
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * factor
@@ -400,7 +390,8 @@ class GANTrainer:
                 wrapper,
                 device_ids=[self.device.index if self.device.index is not None else torch.cuda.current_device()]
                 if self.device.type == "cuda" else None,
-                # a loss need not touch every parameter of its networks (e.g. a head used only at scoring)
+                # False (DDP's cheaper default): every method's phase loss reaches every parameter of the networks
+                # that phase trains; a loss that left one without a gradient would make DDP stop with an error
                 find_unused_parameters=False,
             )
         return self._ddp[phase.name](batch)
@@ -411,7 +402,7 @@ class GANTrainer:
         for name, m in modules.items():  # freeze the others: no wasted gradients
             m.requires_grad_(name in trained)
         optimizer.zero_grad(set_to_none=True)
-        with autocast_context(self.device, self.settings.precision):
+        with autocast_context(self.device, self.precision):
             loss, logs = self._phase_loss(phase, batch)
         if self.world.distributed:
             # logs (and the NaN check) as means over ranks: every rank takes the same decisions
@@ -435,7 +426,7 @@ class GANTrainer:
         return logs
 
     def fit(self) -> TrainResult:
-        s = self.settings
+        s = self.config
         torch.set_flush_denormal(True)  # denormals make CPU training ~10x slower (see detector.flush_denormals)
         seed_everything(s.seed)
         resumed = self.try_resume()
@@ -463,7 +454,7 @@ class GANTrainer:
                         for k, v in self._run_phase(phase, batch).items():
                             window.setdefault(k, []).append(float(v))
                 self.step += 1
-                if self.step % s.log_every == 0 or self.step == s.iterations:
+                if self.step % LOG_EVERY == 0 or self.step == s.iterations:
                     means = {k: float(np.mean(v)) for k, v in window.items()}
                     window.clear()
                     bar.set_postfix({k: f"{v:.3g}" for k, v in list(means.items())[:4]}, refresh=False)
@@ -500,6 +491,7 @@ class GANTrainer:
             best_step=self.best_step,
             best_metric=self.best_metric,
             history=self.history,
+            best_state=self.best_state,
         )
 
     def _sync_buffers(self) -> None:
@@ -534,9 +526,11 @@ class GANTrainer:
         self.history.append({"step": self.step, "metric": metric})
         if self.best_metric is None or metric > self.best_metric:
             self.best_metric, self.best_step = metric, self.step
+            # every rank keeps the best weights in memory (the ranks' modules are identical); the file is for resuming
+            self.best_state = {k: v.detach().clone() for k, v in flat_state(mods).items()}
             if self._writes:
-                _atomic_safetensors(flat_state(mods), self.work_dir / "best.safetensors")
-        distributed.barrier()  # best.safetensors is complete before any rank may read it
+                _atomic_safetensors(self.best_state, self.work_dir / BEST)
+        distributed.barrier()  # best.safetensors is complete before any rank may resume from it
         if self.progress and self.world.is_main:
             bar.write(f"iteration {self.step}: checkpoint metric {metric:.4f} (best {self.best_metric:.4f} at {self.best_step})")
 

@@ -1,4 +1,4 @@
-"""The multi-method benchmark (suite.run_benchmark and `scanomaly benchmark`), end to end on small inputs.
+"""The multi-method benchmark (benchmark.run_benchmark and `scanomaly benchmark`), end to end on small inputs.
 
 Real methods run with their "tiny" profiles; fast fake methods (registered only in this module)
 cover seeds, failures, resume and option routing."""
@@ -9,21 +9,22 @@ import csv
 import json
 import os
 import re
-from dataclasses import dataclass
 from html.parser import HTMLParser
 
 import numpy as np
 import pytest
-import torch
 
-from scanomaly import benchmark, detector
+from scanomaly import benchmark
 from scanomaly.cli import main
-from scanomaly.detector import Detector, as_tensor, available_methods, get_method
+from scanomaly.detector import available_methods, get_method
 from scanomaly.errors import ScanomalyError
 from scanomaly.splits import read_split_manifest
-from scanomaly.suite import TABLES, method_overrides, run_benchmark
+from scanomaly.benchmark import run_benchmark
+from scanomaly.report import build_report
+from scanomaly.options import method_overrides
+from scanomaly.results import TABLES
 
-from conftest import make_tiny_tree
+from conftest import MeanDetector, make_tiny_tree, registered
 
 FAST = {"n_bootstrap": 30, "progress": False}
 
@@ -31,37 +32,9 @@ FAST = {"n_bootstrap": 30, "progress": False}
 # ------------------------------------------------------------------------------------------
 # fake methods
 # ------------------------------------------------------------------------------------------
-@dataclass
-class FakeConfig:
-    iterations: int = 1
-    seed: int = 0
-    gain: float = 1.0
-
-
-class SuiteMean(Detector):
-    """Distance to the mean healthy image, perturbed by the seed (so seeds differ)."""
-
+class SuiteMean(MeanDetector):
     name = "_suite_mean"
-    Config = FakeConfig
     profiles = {"tiny": {"preprocessing": {"image_size": 16}}, "cpu": {"preprocessing": {"image_size": 16}}}
-    fits: list = []  # (seed, number of training images)
-
-    def fit(self, healthy, unlabeled=None, **kwargs):
-        x = as_tensor(healthy)
-        g = torch.Generator().manual_seed(self.config.seed)
-        self.mean_image = x.mean(0) + 0.2 * torch.randn(x.shape[1:], generator=g)
-        SuiteMean.fits.append((self.config.seed, len(x)))
-        return self
-
-    def score(self, images, batch_size: int = 64):
-        maps = (as_tensor(images) - self.mean_image).abs().mean(1) * self.config.gain
-        return maps.flatten(1).mean(1).numpy(), maps.numpy()
-
-    def state_tensors(self):
-        return {"mean_image": self.mean_image}
-
-    def load_state_tensors(self, tensors):
-        self.mean_image = tensors["mean_image"]
 
 
 class SuiteBroken(SuiteMean):
@@ -73,11 +46,8 @@ class SuiteBroken(SuiteMean):
 
 @pytest.fixture(autouse=True, scope="module")
 def fake_methods():
-    for cls in (SuiteMean, SuiteBroken):
-        detector.register(cls)
-    yield
-    for cls in (SuiteMean, SuiteBroken):
-        detector._REGISTRY.pop(cls.name, None)
+    with registered(SuiteMean, SuiteBroken):
+        yield
 
 
 def one_class_method() -> str:
@@ -184,6 +154,7 @@ def tiny_bench(tmp_path_factory, fake_methods):
     methods = ["healthygan", one_class_method(), SuiteBroken.name]
     out = root / "bench"
     results = run_benchmark(data, methods, out, profile="tiny", seeds=1, **FAST)
+    build_report(out)  # as `scanomaly benchmark` does after the runs
     return data, out, methods, results
 
 
@@ -247,7 +218,7 @@ def test_resume_skips_finished_runs(tiny_bench, monkeypatch):
         return real(method, *args, **kwargs)
 
     monkeypatch.setattr(benchmark, "run_method", counting)
-    again = run_benchmark(data, methods, out, profile="tiny", seeds=1, report=False, **FAST)
+    again = run_benchmark(data, methods, out, profile="tiny", seeds=1, **FAST)
     assert calls == [SuiteBroken.name]  # only the unfinished (failed) run is tried again
     assert [r["resumed"] for r in again["runs"]] == [True, True, False]
     for a, b in zip(first["runs"][:2], again["runs"][:2]):
@@ -263,10 +234,11 @@ def test_resume_skips_finished_runs(tiny_bench, monkeypatch):
 # ------------------------------------------------------------------------------------------
 def test_seeds_give_mean_and_std_and_one_class_training_sets(tmp_path):
     data = make_tiny_tree(tmp_path / "data", n=12, size=16)
-    SuiteMean.fits.clear()
-    results = run_benchmark(data, SuiteMean.name, tmp_path / "b", profile="tiny", seeds=3, report=False, **FAST)
+    MeanDetector.fits.clear()
+    results = run_benchmark(data, SuiteMean.name, tmp_path / "b", profile="tiny", seeds=3, **FAST)
     split = read_split_manifest(tmp_path / "b" / "split.csv")
-    assert SuiteMean.fits == [(0, len(split.healthy)), (1, len(split.healthy)), (2, len(split.healthy))]
+    assert [(f["seed"], f["n"]) for f in MeanDetector.fits] == [(0, len(split.healthy)), (1, len(split.healthy)),
+                                                                (2, len(split.healthy))]
     aurocs = [r["metrics"]["auroc"] for r in results["runs"]]
     stat = results["summary"][SuiteMean.name]["metrics"]["auroc"]
     assert stat["n"] == 3 and stat["mean"] == pytest.approx(np.mean(aurocs))
@@ -275,11 +247,10 @@ def test_seeds_give_mean_and_std_and_one_class_training_sets(tmp_path):
     assert " ± " in (tmp_path / "b" / "results.md").read_text()
 
     # the ceiling: one-class methods train on every training normal
-    SuiteMean.fits.clear()
-    run_benchmark(data, [SuiteMean.name], tmp_path / "c", profile="tiny", seeds=1, one_class_train="all_normals",
-                  report=False, **FAST)
+    MeanDetector.fits.clear()
+    run_benchmark(data, [SuiteMean.name], tmp_path / "c", profile="tiny", seeds=1, one_class_train="all_normals", **FAST)
     n_normals = len(split.healthy) + len(split.healthy_holdout) + sum(r.label == 0 for r in split.unlabeled)
-    assert SuiteMean.fits == [(0, n_normals)] and n_normals > len(split.healthy)
+    assert [(f["seed"], f["n"]) for f in MeanDetector.fits] == [(0, n_normals)] and n_normals > len(split.healthy)
 
 
 def test_interrupted_benchmark_resumes_where_it_stopped(tmp_path, monkeypatch):
@@ -298,7 +269,7 @@ def test_interrupted_benchmark_resumes_where_it_stopped(tmp_path, monkeypatch):
         run_benchmark(data, SuiteMean.name, out, profile="tiny", seeds=3, **FAST)
     saved = json.loads((out / "results.json").read_text())
     assert [(r["seed"], r["status"]) for r in saved["runs"]] == [(0, "ok")]
-    results = run_benchmark(data, SuiteMean.name, out, profile="tiny", seeds=3, report=False, **FAST)
+    results = run_benchmark(data, SuiteMean.name, out, profile="tiny", seeds=3, **FAST)
     assert calls == [0, 1, 1, 2]
     assert [(r["seed"], r["status"], r["resumed"]) for r in results["runs"]] == [(0, "ok", True), (1, "ok", False),
                                                                                  (2, "ok", False)]
@@ -306,13 +277,13 @@ def test_interrupted_benchmark_resumes_where_it_stopped(tmp_path, monkeypatch):
     lines = (out / SuiteMean.name / "seed2" / "split.csv").read_text().splitlines()
     (out / SuiteMean.name / "seed2" / "split.csv").write_text("\n".join(lines[:-1]) + "\n")
     with pytest.raises(ScanomalyError, match="another split"):
-        run_benchmark(data, SuiteMean.name, out, profile="tiny", seeds=3, report=False, **FAST)
+        run_benchmark(data, SuiteMean.name, out, profile="tiny", seeds=3, **FAST)
 
 
 def test_set_options_are_checked_per_run(tmp_path, monkeypatch):
     data = make_tiny_tree(tmp_path / "data", n=12, size=16)
     out, pair = tmp_path / "b", [SuiteMean.name, SuiteBroken.name]
-    run_benchmark(data, SuiteMean.name, out, profile="tiny", report=False, config_overrides={"gain": 2.0}, **FAST)
+    run_benchmark(data, SuiteMean.name, out, profile="tiny", config_overrides={"gain": 2.0}, **FAST)
     recorded = json.loads((out / SuiteMean.name / "seed0" / "options.json").read_text())
     assert recorded == {"config": {"gain": 2.0}, "preprocessing": {}}
 
@@ -321,7 +292,7 @@ def test_set_options_are_checked_per_run(tmp_path, monkeypatch):
     real = benchmark.run_method
     monkeypatch.setattr(benchmark, "run_method", lambda m, *a, **k: calls.append((m, k["config_overrides"])) or real(m, *a, **k))
     both = {"gain": 2.0, f"{SuiteBroken.name}.iterations": 3}
-    results = run_benchmark(data, pair, out, profile="tiny", report=False, config_overrides=both, **FAST)
+    results = run_benchmark(data, pair, out, profile="tiny", config_overrides=both, **FAST)
     assert calls == [(SuiteBroken.name, {"gain": 2.0, "iterations": 3})]
     assert [r["resumed"] for r in results["runs"]] == [True, False]
     text = (out / "results.md").read_text()
@@ -329,21 +300,22 @@ def test_set_options_are_checked_per_run(tmp_path, monkeypatch):
 
     # an option that changes a run already trained: refused before anything runs
     with pytest.raises(ScanomalyError, match="other --set options"):
-        run_benchmark(data, pair, out, profile="tiny", report=False, config_overrides={"gain": 5.0}, **FAST)
+        run_benchmark(data, pair, out, profile="tiny", config_overrides={"gain": 5.0}, **FAST)
     assert len(calls) == 1
 
     # a run folder from before options.json existed is judged by results.json, and gets its record
     (out / SuiteMean.name / "seed0" / "options.json").unlink()
     with pytest.raises(ScanomalyError, match="other --set options"):
-        run_benchmark(data, SuiteMean.name, out, profile="tiny", report=False, config_overrides={"gain": 5.0}, **FAST)
-    run_benchmark(data, SuiteMean.name, out, profile="tiny", report=False, config_overrides={"gain": 2.0}, **FAST)
+        run_benchmark(data, SuiteMean.name, out, profile="tiny", config_overrides={"gain": 5.0}, **FAST)
+    run_benchmark(data, SuiteMean.name, out, profile="tiny", config_overrides={"gain": 2.0}, **FAST)
     assert json.loads((out / SuiteMean.name / "seed0" / "options.json").read_text()) == recorded
     assert len(calls) == 1
 
 
 def test_unknown_method_fails_alone(tmp_path):
     data = make_tiny_tree(tmp_path / "data", n=12, size=16)
-    results = run_benchmark(data, f"no_such_method,{SuiteMean.name}", tmp_path / "b", profile="tiny", report=True, **FAST)
+    results = run_benchmark(data, f"no_such_method,{SuiteMean.name}", tmp_path / "b", profile="tiny", **FAST)
+    build_report(tmp_path / "b")
     status = {r["method"]: (r["status"], r["error"]) for r in results["runs"]}
     assert status[SuiteMean.name] == ("ok", None)
     assert status["no_such_method"][0] == "failed" and "unknown method" in status["no_such_method"][1]
@@ -413,21 +385,21 @@ def test_benchmark_on_real_chest_xrays(data_root, tmp_path):
     assert results["split"]["test"] == {"n": 16, "normal": 8, "abnormal": 8, "patients": 0}
     assert results["split"]["healthy"]["n"] + results["split"]["healthy_holdout"]["n"] == 8
     check_markdown_matches_json(tmp_path / "bench")
-    parser = check_self_contained_html(tmp_path / "bench" / "report.html")
+    parser = check_self_contained_html(build_report(tmp_path / "bench"))
     assert [a.get("alt") for tag, a in parser.attrs if tag == "img"] == ["ROC curves", "score histograms", "gallery"]
 
 
 def test_failed_run_may_be_retried_with_other_options(tmp_path, monkeypatch):
     data = make_tiny_tree(tmp_path / "data", n=12, size=16)
     out = tmp_path / "b"
-    first = run_benchmark(data, SuiteBroken.name, out, profile="tiny", report=False,
+    first = run_benchmark(data, SuiteBroken.name, out, profile="tiny",
                           config_overrides={"gain": 2.0}, **FAST)
     assert first["runs"][0]["status"] == "failed"
     run_dir = out / SuiteBroken.name / "seed0"
     assert (run_dir / "split.csv").is_file()  # it got as far as its folder, but trained nothing
 
     # nothing to resume, so other options are fine: it runs again under them
-    again = run_benchmark(data, SuiteBroken.name, out, profile="tiny", report=False,
+    again = run_benchmark(data, SuiteBroken.name, out, profile="tiny",
                           config_overrides={"gain": 3.0}, **FAST)
     assert again["runs"][0]["status"] == "failed" and again["runs"][0]["resumed"] is False
     assert json.loads((run_dir / "options.json").read_text())["config"] == {"gain": 3.0}
@@ -436,4 +408,4 @@ def test_failed_run_may_be_retried_with_other_options(tmp_path, monkeypatch):
     (run_dir / "train").mkdir()
     (run_dir / "train" / "checkpoint.pt").write_bytes(b"")
     with pytest.raises(ScanomalyError, match="other --set options"):
-        run_benchmark(data, SuiteBroken.name, out, profile="tiny", report=False, config_overrides={"gain": 4.0}, **FAST)
+        run_benchmark(data, SuiteBroken.name, out, profile="tiny", config_overrides={"gain": 4.0}, **FAST)
