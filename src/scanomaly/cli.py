@@ -231,11 +231,14 @@ def _cmd_info(args) -> int:
 # evaluate
 # ------------------------------------------------------------------------------------------
 def _label_records(args) -> list[ImageRecord] | None:
-    if args.labels:
-        return discover(_abspath(args.labels))
-    if args.data:
-        return discover(_abspath(args.data))
-    return None
+    from .runs import require_labels
+
+    source = args.labels or args.data
+    if not source:
+        return None
+    records = discover(_abspath(source))
+    require_labels(records, source, "evaluate")  # a manifest without a label column is no label source
+    return records
 
 
 def _labeled_arrays(rows: list[dict], what: str) -> tuple[np.ndarray, np.ndarray, list, int]:
@@ -288,6 +291,10 @@ def _cmd_evaluate(args) -> int:
         result["patient"]["reduce"] = args.per_patient
         table[f"patient ({args.per_patient})"] = result["patient"]
     print(format_metrics_table(table))
+    from .runs import evaluation_warnings
+
+    for message in evaluation_warnings(args.scores, rows, result.get("auroc")):
+        print(f"warning: {message}", file=sys.stderr)
     if result["threshold_source"] != "validation":
         print("note: the threshold was chosen on the evaluated data itself (oracle, optimistic); "
               "pass --val-scores to choose it on validation data")
@@ -357,13 +364,15 @@ def _cmd_train(args) -> int:
 
 
 def _train(args, cls, world, t0) -> int:
+    from . import checks, distributed, runs
     from .detector import config_to_dict
-    from .splits import make_healthygan_split, split_counts, write_split_manifest
+    from .splits import make_healthygan_split
 
+    # every option is checked, the data found and the split made before anything is written
     config_overrides, prep_overrides = _overrides(cls, args)
-    det = cls.from_profile(args.profile, config_overrides, prep_overrides, device=args.device, precision=args.precision)
+    det = checks.build_detector(cls, args.profile, config_overrides, prep_overrides, device=args.device,
+                                precision=args.precision)
     run = _abspath(args.out)
-    run.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress and world.is_main
 
     split = None
@@ -371,24 +380,25 @@ def _train(args, cls, world, t0) -> int:
     val_recs: list[ImageRecord] = []
     if args.from_labeled:
         records = discover(_abspath(args.from_labeled))
-        split = make_healthygan_split(
-            records,
+        runs.require_labels(records, args.from_labeled, "train --from-labeled")
+        split_options = dict(
             abnormal_fraction=args.abnormal_fraction,
             healthy_fraction=args.healthy_fraction,
             holdout_fraction=args.holdout_fraction,
             test_fraction=args.test_fraction,
             seed=args.seed if args.seed is not None else 0,
         )
-        write_split_manifest(split, run / "split.csv")
+        split = make_healthygan_split(records, **split_options)
         healthy_recs, unlabeled_recs = split.healthy, split.unlabeled
         holdout_recs, val_recs = split.healthy_holdout, split.val
     else:
-        healthy_recs = discover(_abspath(args.healthy))
+        records = healthy_recs = discover(_abspath(args.healthy))
         n_abn = sum(r.label == ABNORMAL for r in healthy_recs)
         if n_abn:
             raise ScanomalyError(f"{args.healthy}: {n_abn} image(s) are labeled abnormal; --healthy takes known-healthy "
                                  "images only (use --from-labeled DIR for a labeled data set)")
         unlabeled_recs = discover(_abspath(args.unlabeled)) if args.unlabeled else None
+        records = records + (unlabeled_recs or [])
 
     if det.needs_unlabeled and not unlabeled_recs:
         raise ScanomalyError(f"method {cls.name!r} also trains on unlabeled (mixed) images: give --unlabeled DIR, "
@@ -396,6 +406,31 @@ def _train(args, cls, world, t0) -> int:
     if not det.needs_unlabeled and args.unlabeled:
         print(f"warning: method {cls.name!r} trains on healthy images only; --unlabeled is ignored", file=sys.stderr)
 
+    # the folder holds this run only: an earlier run with other data, split, options or code is refused
+    fingerprint = runs.train_fingerprint(
+        data={"healthy": args.healthy, "unlabeled": args.unlabeled, "from_labeled": args.from_labeled,
+              "records": runs.records_digest(records)},
+        split=None if split is None else {"options": split_options, "roles": runs.split_digest(split)},
+        options={"method": cls.name, "profile": args.profile, "config": config_to_dict(det.config),
+                 "preprocessing": det.preprocessing.to_dict(), "precision": det.precision})
+    created = runs.prepare_run(run, fingerprint, overwrite=args.overwrite, write=world.is_main)
+    distributed.barrier()  # no rank reads the folder before rank 0 has made it ready
+    try:
+        return _train_in(args, cls, world, t0, det, run, progress, split, healthy_recs, unlabeled_recs,
+                         holdout_recs, val_recs)
+    except BaseException:
+        if world.is_main:
+            runs.discard_unused(run, created)  # a failure leaves no empty or half-made --out
+        raise
+
+
+def _train_in(args, cls, world, t0, det, run, progress, split, healthy_recs, unlabeled_recs, holdout_recs,
+              val_recs) -> int:
+    from .detector import config_to_dict
+    from .splits import split_counts, write_split_manifest
+
+    if split is not None and world.is_main:
+        write_split_manifest(split, run / "split.csv")
     healthy_set = load_images(healthy_recs, det.preprocessing, progress=progress, desc="healthy")
     skipped = list(healthy_set.skipped)
     unlabeled_set = None
@@ -478,9 +513,12 @@ def _load_scorer(args):
     if not run.exists():
         raise ScanomalyError(f"{args.model}: no such run or model folder")
     if args.runtime == "onnx":
+        from . import runs
         from .export import OnnxScorer, find_onnx
 
-        return OnnxScorer(find_onnx(run))
+        scorer = OnnxScorer(find_onnx(run))
+        runs.check_onnx_matches_model(scorer.path, scorer.metadata)  # never an export of earlier weights
+        return scorer
     from .detector import Detector
 
     det = Detector.load(_model_dir(run), device=args.device, precision=args.precision)
@@ -494,6 +532,9 @@ def _load_scorer(args):
 def _records_to_score(args) -> list[ImageRecord]:
     source = _abspath(args.images)
     if not args.role:
+        from .runs import warn_if_unlabeled_manifest
+
+        warn_if_unlabeled_manifest(source)
         return discover(source)
     from .splits import ROLES, read_split_manifest
 
@@ -673,6 +714,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--precision", default="32", choices=("32", "bf16", "16-mixed"))
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config (or preprocessing) option")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a --out that holds another run (by default only the same run is resumed)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_train)
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from . import __version__
+from . import __version__, runs
 from .detector import Detector, anomaly_map, as_tensor, config_to_dict
 from .errors import ScanomalyError
 from .preprocess import Preprocessing
@@ -129,6 +129,7 @@ def export_onnx(detector: Detector, path, opset: int = DEFAULT_OPSET) -> ExportR
         "preprocessing": prep.to_dict(),
         "scanomaly_version": __version__,
         "opset": opset,
+        runs.WEIGHTS_KEY: runs.scorer_weights(detector),  # scoring refuses it beside other weights
         "input": INPUT_NAME,
         "outputs": list(OUTPUT_NAMES),
     }
