@@ -516,7 +516,7 @@ def _load_scorer(args):
         from . import runs
         from .export import OnnxScorer, find_onnx
 
-        scorer = OnnxScorer(find_onnx(run))
+        scorer = OnnxScorer(find_onnx(run), threads=args.threads)
         runs.check_onnx_matches_model(scorer.path, scorer.metadata)  # never an export of earlier weights
         return scorer
     from .detector import Detector
@@ -549,13 +549,15 @@ def _records_to_score(args) -> list[ImageRecord]:
 
 def _cmd_score(args) -> int:
     from .streaming import score_stream
+    from .threads import default_workers
 
     scorer = _load_scorer(args)
     records = _records_to_score(args)
     out = _abspath(args.out)
     try:
         summary = score_stream(
-            scorer, records, out, batch_size=args.batch_size, workers=args.workers,
+            scorer, records, out, batch_size=args.batch_size,
+            workers=args.workers if args.workers is not None else default_workers(),
             heatmap_dir=_abspath(args.heatmaps) if args.heatmaps else None,
             heatmap_range=tuple(args.heatmap_range) if args.heatmap_range else None,
             overwrite=args.overwrite, progress=not args.no_progress,
@@ -717,10 +719,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in a --out that holds another run (by default only the same run is resumed)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads (default: OMP_NUM_THREADS, else the cores this process may use)")
     p.set_defaults(func=_cmd_train)
 
     from .export import DEFAULT_OPSET
-    from .streaming import DEFAULT_WORKERS
 
     p = sub.add_parser("score", help="score images with a trained model, streaming (resumable); optional heatmap panels")
     p.add_argument("model", metavar="RUN_OR_MODEL_DIR")
@@ -729,8 +732,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmaps", metavar="DIR", help="write one heatmap panel PNG per image here")
     p.add_argument("--role", help="with a split.csv: score only this role (e.g. test, val)")
     p.add_argument("--batch-size", type=int, default=64, help="images read, scored and written at a time (default 64)")
-    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
-                   help=f"processes that read and preprocess images (default {DEFAULT_WORKERS}; 0: in the main process)")
+    p.add_argument("--workers", type=int,
+                   help="processes that read and preprocess images (default: min(2, cores - 1); 0: in the main "
+                        "process)")
     p.add_argument("--heatmap-range", type=float, nargs=2, metavar=("VMIN", "VMAX"),
                    help="colour scale of the heatmap panels (default: from the first batch, kept for the run)")
     p.add_argument("--overwrite", action="store_true",
@@ -743,6 +747,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the scoring network (--runtime torch; one-pass methods); pays off on long runs")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads (default: OMP_NUM_THREADS, else the cores this process may use)")
     p.set_defaults(func=_cmd_score)
 
     p = sub.add_parser("export", help="export a trained model for deployment (ONNX, with its preprocessing)")
@@ -750,6 +756,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("onnx",), default="onnx")
     p.add_argument("--out", metavar="FILE", help="where to write it (default: MODEL_DIR/model.onnx)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads (default: OMP_NUM_THREADS, else the cores this process may use)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("demo", help="train and evaluate on the bundled chest X-ray sample")
@@ -757,6 +765,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, help="training iterations (default 300)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads (default: OMP_NUM_THREADS, else the cores this process may use)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("benchmark", help="train and score several methods and seeds on one shared split; "
@@ -779,6 +789,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples for the AUROC interval")
     p.add_argument("--no-report", action="store_true", help="skip report.html (build it later with `report`)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads (default: OMP_NUM_THREADS, else the cores this process may use)")
     p.set_defaults(func=_cmd_benchmark)
 
     p = sub.add_parser("report", help="(re)build the self-contained report.html of a benchmark or run folder")
@@ -787,6 +799,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gallery", type=int, default=4, metavar="N",
                    help="show the N most and N least anomalous test images (0: no gallery)")
     p.add_argument("--device", default="cpu", help="device for the gallery's models (cpu, cuda or auto)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads (default: OMP_NUM_THREADS, else the cores this process may use)")
     p.set_defaults(func=_cmd_report)
     return parser
 
@@ -807,6 +821,10 @@ def main(argv=None) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
+            if hasattr(args, "threads"):  # the heavy verbs: threads chosen before any work (threads.py)
+                from .threads import use_threads
+
+                use_threads(args.threads)
             return int(args.func(args) or 0)
         except ScanomalyError as exc:
             print(f"error: {exc}", file=sys.stderr)

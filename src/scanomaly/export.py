@@ -43,6 +43,7 @@ from . import __version__, runs
 from .detector import Detector, anomaly_map, as_tensor, config_to_dict
 from .errors import ScanomalyError
 from .preprocess import Preprocessing
+from .threads import default_threads
 
 ONNX_FILE = "model.onnx"  # the default place: beside model.safetensors in the model folder
 METADATA_KEY = "scanomaly"
@@ -193,8 +194,8 @@ class OnnxScorer:
         ort = _require("onnxruntime")
         self.path = Path(path)
         options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
+        options.intra_op_num_threads = threads or default_threads()  # not every core of a shared machine
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # wait without spinning
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own exception types for missing or corrupt files

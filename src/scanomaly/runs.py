@@ -329,6 +329,8 @@ def training_records_of(scores_csv) -> tuple[Path, set] | None:
     if not model:
         return None
     model = Path(model)
+    if model.suffix == ".onnx":  # an export: its model folder
+        model = model.parent
     for split_csv in (model.parent / "split.csv", model / "split.csv"):
         if split_csv.is_file():
             try:
