@@ -227,13 +227,10 @@ def _concat(*sets):
 
 
 def _write_scores(path: Path, images, scores) -> None:
-    import csv
+    """test_scores.csv, in the columns of `scanomaly score` (scores_csv.SCORE_COLUMNS)."""
+    from .scores_csv import write_scores_csv
 
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "index", "label", "score"])
-        for rec, s in zip(images.records, scores):
-            w.writerow([rec.path, "" if rec.index is None else rec.index, rec.label, f"{s:.6g}"])
+    write_scores_csv(path, images.records, scores)
 
 
 def markdown_row(r: dict, rule: str = "balanced") -> str:
