@@ -481,3 +481,19 @@ def test_threads_option_sets_the_threads_training_uses(tiny_tree, tmp_path, caps
         assert MeanDetector.fit_threads == [1]
     finally:
         torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------------
+# report of a run made by `train`
+# ------------------------------------------------------------------------------------------
+def test_report_takes_a_run_folder_made_by_train(tiny_tree, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(capsys, tiny_tree, run, "--holdout-fraction", 0.34)[0] == 0
+    code, _, err = cli(capsys, "report", run)
+    assert code == 2 and "--role test --out" in err  # says how to get the test scores it shows
+    assert cli(capsys, "score", run, run / "split.csv", "--role", "test", "--out", run / "test_scores.csv",
+               "--no-progress")[0] == 0
+    code, out, err = cli(capsys, "report", run, "--gallery", 2)
+    assert code == 0, err
+    html = (run / "report.html").read_text()
+    assert "_safety_mean" in html and "AUROC" in html

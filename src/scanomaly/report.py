@@ -38,10 +38,15 @@ REFERENCE_METHOD = "healthygan"
 # loading
 # ------------------------------------------------------------------------------------------
 def _single_run_results(run_dir: Path) -> dict:
-    try:
-        result = json.loads((run_dir / "result.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise ScanomalyError(f"{run_dir / 'result.json'}: corrupt result file ({exc})") from None
+    if not (run_dir / "result.json").is_file():  # a run folder made by `train`
+        from .runs import train_run_result
+
+        result = train_run_result(run_dir)
+    else:
+        try:
+            result = json.loads((run_dir / "result.json").read_text())
+        except json.JSONDecodeError as exc:
+            raise ScanomalyError(f"{run_dir / 'result.json'}: corrupt result file ({exc})") from None
     method, seed = result.get("method", "?"), result.get("seed", 0)
     runs = [run_record(method, seed, ".", result)]
     return {
@@ -62,9 +67,10 @@ def load_any(directory) -> tuple[dict, str]:
         raise ScanomalyError(f"{d}: no such folder")
     if (d / "results.json").is_file():
         return load_results(d), "benchmark"
-    if (d / "result.json").is_file():
+    if (d / "result.json").is_file() or (d / "train_summary.json").is_file():
         return _single_run_results(d), "run"
-    raise ScanomalyError(f"{d}: neither a benchmark folder (results.json) nor a run folder (result.json)")
+    raise ScanomalyError(f"{d}: neither a benchmark folder (results.json) nor a run folder (result.json, or "
+                         "train_summary.json from `train`)")
 
 
 def read_test_scores(path) -> list[dict]:

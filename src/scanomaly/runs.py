@@ -393,3 +393,51 @@ def evaluation_warnings(scores_csv, rows: list[dict], auroc: float | None) -> li
         out.append(f"AUROC {auroc:.3f} is below 0.5: the scores rank abnormal images as more normal than normal ones; "
                    "are the scores or the labels inverted?")
     return out
+
+
+# ------------------------------------------------------------------------------------------
+# report: a run folder made by `train`
+# ------------------------------------------------------------------------------------------
+def train_run_result(run_dir, n_bootstrap: int = 1000) -> dict:
+    """A result (as `benchmark.run_method` writes result.json) for a run folder made by `train`, from its
+    train_summary.json, the test scores scored into it and its validation scores (for the thresholds)."""
+    from .benchmark import _evaluate_rules
+    from .cli import read_scores_csv
+
+    run_dir = Path(run_dir)
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    test_csv = run_dir / "test_scores.csv"
+    if not test_csv.is_file():
+        split = run_dir / "split.csv"
+        how = (f"scanomaly score {run_dir} {split} --role test --out {test_csv}" if split.is_file()
+               else f"scanomaly score {run_dir} TEST_IMAGES --out {test_csv}")
+        raise ScanomalyError(f"{run_dir}: a run made by `train` holds no test scores yet, and the report shows test "
+                             f"results; score the test images into it first: {how}")
+    rows = [r for r in read_scores_csv(test_csv) if r["label"] is not None]
+    if not rows or len({r["label"] for r in rows}) < 2:
+        raise ScanomalyError(f"{test_csv}: the report needs labeled normal and abnormal test images")
+    import numpy as np
+
+    labels = np.array([r["label"] for r in rows])
+    scores = np.array([r["score"] for r in rows])
+    val_labels = val_scores = None
+    if (run_dir / "val_scores.csv").is_file():
+        val = [r for r in read_scores_csv(run_dir / "val_scores.csv") if r["label"] is not None]
+        if len({r["label"] for r in val}) == 2:
+            val_labels, val_scores = np.array([r["label"] for r in val]), np.array([r["score"] for r in val])
+    seed = int(summary.get("config", {}).get("seed", 0) or 0)
+    data = summary.get("data", {})
+    return {
+        "method": summary.get("method"),
+        "profile": summary.get("profile"),
+        "seed": seed,
+        "split_seed": seed if data.get("from_labeled") else None,
+        "data": data.get("from_labeled") or data.get("healthy"),
+        "precision": summary.get("precision"),
+        "device": summary.get("device"),
+        "image_size": summary.get("preprocessing", {}).get("image_size"),
+        "preprocessing": summary.get("preprocessing"),
+        "split": summary.get("split"),
+        "train_seconds": summary.get("seconds"),
+        "test": _evaluate_rules(labels, scores, val_labels, val_scores, seed, n_bootstrap),
+    }
