@@ -408,7 +408,8 @@ def _train(args, cls, world, t0) -> int:
 
     # the folder holds this run only: an earlier run with other data, split, options or code is refused
     fingerprint = runs.train_fingerprint(
-        data={"healthy": args.healthy, "unlabeled": args.unlabeled, "from_labeled": args.from_labeled,
+        data={**{k: str(_abspath(v)) if v else None for k, v in (("healthy", args.healthy), ("unlabeled", args.unlabeled),
+                                                                 ("from_labeled", args.from_labeled))},
               "records": runs.records_digest(records)},
         split=None if split is None else {"options": split_options, "roles": runs.split_digest(split)},
         options={"method": cls.name, "profile": args.profile, "config": config_to_dict(det.config),

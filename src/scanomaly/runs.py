@@ -176,19 +176,21 @@ def prepare_run(run: Path, fingerprint: dict, overwrite: bool = False, write: bo
       removes that run first;
     - a folder of other files: refused (a run is not mixed into unrelated files).
 
-    With `write=False` (the other ranks of a distributed run) it only checks, and changes nothing.
+    With `write=False` (the other ranks of a distributed run) it does nothing: rank 0 checks and
+    prepares, and if it refuses, torchrun stops the other ranks too.
     Returns True when this call created the folder (so a run that fails before it has anything
     worth resuming can remove it again: `discard_unused`)."""
     run = Path(run)
     created = False
+    if not write:
+        return False
     if run.exists() and not run.is_dir():
         raise ScanomalyError(f"{run}: exists and is not a folder; give a folder for --out")
     if run.is_dir() and any(run.iterdir()):
         if not is_run_folder(run):
             raise ScanomalyError(f"{run}: the folder holds other files and no scanomaly run; give a new or empty --out")
         if overwrite:
-            if write:
-                shutil.rmtree(run)
+            shutil.rmtree(run)
         else:
             recorded_path = run / RUN_FILE
             if not recorded_path.is_file():
@@ -204,8 +206,6 @@ def prepare_run(run: Path, fingerprint: dict, overwrite: bool = False, write: bo
                 raise ScanomalyError(f"{run} holds another run, and resuming it would mix the two ({shown}); "
                                      "use --overwrite to start afresh, or another --out")
             return False
-    if not write:
-        return False
     if not run.exists():
         created = True
     run.mkdir(parents=True, exist_ok=True)
