@@ -119,11 +119,11 @@ def test_npz_discover_and_load(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(
         tmp_path / "m.npz",
-        train_images=rng.integers(0, 256, (4, 8, 8), dtype=np.uint8),
+        train_images=rng.integers(0, 256, (4, 16, 16), dtype=np.uint8),
         train_labels=np.array([[0], [1], [0], [1]], dtype=np.uint8),
-        val_images=rng.integers(0, 256, (2, 8, 8), dtype=np.uint8),
+        val_images=rng.integers(0, 256, (2, 16, 16), dtype=np.uint8),
         val_labels=np.array([[1], [0]], dtype=np.uint8),
-        test_images=rng.integers(0, 256, (2, 8, 8), dtype=np.uint8),
+        test_images=rng.integers(0, 256, (2, 16, 16), dtype=np.uint8),
         test_labels=np.array([[0], [1]], dtype=np.uint8),
     )
     records = discover(tmp_path / "m.npz")
@@ -139,7 +139,7 @@ def test_npz_discover_and_load(tmp_path):
 def test_multi_image_file_expands(tmp_path):
     import nibabel as nib
 
-    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((8, 8, 3)).astype(np.float32), np.eye(4)),
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((16, 16, 3)).astype(np.float32), np.eye(4)),
              str(tmp_path / "vol.nii.gz"))
     s = load_images(discover(tmp_path), PREP, progress=False)
     assert len(s) == 3 and [r.index for r in s.records] == [0, 1, 2]

@@ -22,10 +22,27 @@ def test_bundled_demo_sample_is_complete_and_licensed():
     assert "CC BY 4.0" in source and "Kermany" in source
 
 
-def test_demo_runs_end_to_end(tmp_path, capsys):
+def test_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
+    import scanomaly.demo as demo
+
+    scales, original = [], demo.save_heatmap_panel
+
+    def recording_panel(*args, **kwargs):
+        scales.append((kwargs.get("vmin"), kwargs.get("vmax")))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(demo, "save_heatmap_panel", recording_panel)
     out = tmp_path / "demo"
     assert run_demo(SimpleNamespace(out=str(out), iters=4, device="cpu", no_progress=True)) == 0
     printed = capsys.readouterr().out
+    # every panel on one colour scale; what it says it wrote is what it wrote
+    assert len(scales) == 8 and len(set(scales)) == 1 and None not in scales[0]
+    assert "4 most and 4 least anomalous" in printed
+    assert (out / "report.html").is_file() and str(out / "report.html") in printed
+    # the scores CSV has the columns of `scanomaly score`
+    from scanomaly.scores_csv import SCORE_COLUMNS
+
+    assert (out / "test_scores.csv").read_text().splitlines()[0].split(",") == list(SCORE_COLUMNS)
     assert "AUROC" in printed or "auroc" in printed
     result = json.loads((out / "result.json").read_text())
     assert result["split"]["test"]["n"] == 100

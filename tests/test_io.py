@@ -139,9 +139,15 @@ def write_dicom(path, arr, photometric="MONOCHROME2", **attrs):
 RAMP = (np.arange(64).reshape(8, 8) * 10).astype(np.uint16)  # 0 .. 630
 
 
-def test_dicom_minmax_without_window(tmp_path):
+def test_dicom_without_window_scales_by_its_bit_depth(tmp_path):
+    # the range the stored integers can take (16 bits here), as for a 16-bit PNG: not the image's own range
     (img,) = read_image(write_dicom(tmp_path / "a.dcm", RAMP))
-    np.testing.assert_allclose(img, RAMP / 630.0, atol=1e-6)
+    np.testing.assert_allclose(img, RAMP / 65535.0, atol=1e-7)
+    (img12,) = read_image(write_dicom(tmp_path / "b.dcm", RAMP, BitsStored=12, HighBit=11))
+    np.testing.assert_allclose(img12, RAMP / 4095.0, atol=1e-7)
+    (hu,) = read_image(write_dicom(tmp_path / "c.dcm", RAMP, BitsStored=12, HighBit=11, RescaleSlope=2,
+                                   RescaleIntercept=-1000))
+    np.testing.assert_allclose(hu, (RAMP * 2.0 - 1000 - (-1000)) / (4095 * 2.0), atol=1e-6)
 
 
 def test_dicom_monochrome1_is_inverted(tmp_path):
@@ -178,7 +184,7 @@ def test_dicom_multiframe(tmp_path):
     path = write_dicom(tmp_path / "multi.dcm", frames)
     images = read_image(path)
     assert len(images) == 3 and all(im.shape == (8, 8) for im in images)
-    np.testing.assert_allclose(images[2], frames[2] / frames.max(), atol=1e-6)  # one range for all frames
+    np.testing.assert_allclose(images[2], frames[2] / 65535.0, atol=1e-7)  # one scale (the bit depth) for all frames
     (second,) = read_image(path, index=1)
     np.testing.assert_array_equal(second, images[1])
 
@@ -360,4 +366,4 @@ def test_dicom_without_preamble(tmp_path):
     ds.save_as(str(bare), implicit_vr=False, little_endian=True)
     assert bare.read_bytes()[128:132] != b"DICM"
     (img,) = read_image(bare)
-    np.testing.assert_allclose(img, RAMP / 630.0, atol=1e-6)
+    np.testing.assert_allclose(img, RAMP / 65535.0, atol=1e-7)

@@ -161,11 +161,14 @@ def _cmd_info(args) -> int:
 # evaluate
 # ------------------------------------------------------------------------------------------
 def _label_records(args) -> list[ImageRecord] | None:
-    if args.labels:
-        return discover(_abspath(args.labels))
-    if args.data:
-        return discover(_abspath(args.data))
-    return None
+    from .runs import require_labels
+
+    source = args.labels or args.data
+    if not source:
+        return None
+    records = discover(_abspath(source))
+    require_labels(records, source, "evaluate")  # a manifest without a label column is no label source
+    return records
 
 
 def _labeled_arrays(rows: list[dict], what: str) -> tuple[np.ndarray, np.ndarray, list, int]:
@@ -218,6 +221,10 @@ def _cmd_evaluate(args) -> int:
         result["patient"]["reduce"] = args.per_patient
         table[f"patient ({args.per_patient})"] = result["patient"]
     print(format_metrics_table(table))
+    from .runs import evaluation_warnings
+
+    for message in evaluation_warnings(args.scores, rows, result.get("auroc")):
+        print(f"warning: {message}", file=sys.stderr)
     if result["threshold_source"] != "validation":
         print("note: the threshold was chosen on the evaluated data itself (oracle, optimistic); "
               "pass --val-scores to choose it on validation data")
@@ -265,38 +272,69 @@ def _cmd_train(args) -> int:
 
 
 def _train(args, cls, world, t0) -> int:
+    from . import checks, distributed, runs
     from .detector import config_to_dict
-    from .pipeline import VAL_SCORES, train_on_split
-    from .splits import HealthyGANSplit, make_healthygan_split, split_counts, write_split_manifest
+    from .splits import HealthyGANSplit, make_healthygan_split
 
+    # every option is checked, the data found and the split made before anything is written
     config_overrides, prep_overrides = _overrides(cls, args)
-    det = cls.from_profile(args.profile, config_overrides, prep_overrides, device=args.device, precision=args.precision)
+    det = checks.build_detector(cls, args.profile, config_overrides, prep_overrides, device=args.device,
+                                precision=args.precision)
     run = _abspath(args.out)
-    run.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress and world.is_main
 
-    labeled_split = None
+    labeled_split = split_options = None
     if args.from_labeled:
-        labeled_split = make_healthygan_split(
-            discover(_abspath(args.from_labeled)),
+        records = discover(_abspath(args.from_labeled))
+        runs.require_labels(records, args.from_labeled, "train --from-labeled")
+        split_options = dict(
             abnormal_fraction=args.abnormal_fraction,
             healthy_fraction=args.healthy_fraction,
             holdout_fraction=args.holdout_fraction,
             test_fraction=args.test_fraction,
             seed=args.seed if args.seed is not None else 0,
         )
-        write_split_manifest(labeled_split, run / "split.csv")
-        split = labeled_split
+        split = labeled_split = make_healthygan_split(records, **split_options)
     else:
-        healthy_recs = discover(_abspath(args.healthy))
+        records = healthy_recs = discover(_abspath(args.healthy))
         n_abn = sum(r.label == ABNORMAL for r in healthy_recs)
         if n_abn:
             raise ScanomalyError(f"{args.healthy}: {n_abn} image(s) are labeled abnormal; --healthy takes known-healthy "
                                  "images only (use --from-labeled DIR for a labeled data set)")
-        split = HealthyGANSplit(healthy=healthy_recs,
-                                unlabeled=discover(_abspath(args.unlabeled)) if args.unlabeled else [])
+        unlabeled_recs = discover(_abspath(args.unlabeled)) if args.unlabeled else []
+        records = records + unlabeled_recs
+        split = HealthyGANSplit(healthy=healthy_recs, unlabeled=unlabeled_recs)
+    if det.needs_unlabeled and not split.unlabeled:
+        raise ScanomalyError(f"method {cls.name!r} also trains on unlabeled (mixed) images: give --unlabeled DIR, "
+                             "or --from-labeled DIR to build the split")
     if not det.needs_unlabeled and args.unlabeled:
         print(f"warning: method {cls.name!r} trains on healthy images only; --unlabeled is ignored", file=sys.stderr)
+
+    # the folder holds this run only: an earlier run with other data, split, options or code is refused
+    fingerprint = runs.train_fingerprint(
+        data={**{k: str(_abspath(v)) if v else None for k, v in (("healthy", args.healthy), ("unlabeled", args.unlabeled),
+                                                                 ("from_labeled", args.from_labeled))},
+              "records": runs.records_digest(records)},
+        split=None if labeled_split is None else {"options": split_options, "roles": runs.split_digest(labeled_split)},
+        options={"method": cls.name, "profile": args.profile, "config": config_to_dict(det.config),
+                 "preprocessing": det.preprocessing.to_dict(), "precision": det.precision})
+    created = runs.prepare_run(run, fingerprint, overwrite=args.overwrite, write=world.is_main)
+    distributed.barrier()  # no rank reads the folder before rank 0 has made it ready
+    try:
+        return _train_in(args, cls, world, t0, det, run, progress, split, labeled_split)
+    except BaseException:
+        if world.is_main:
+            runs.discard_unused(run, created)  # a failure leaves no empty or half-made --out
+        raise
+
+
+def _train_in(args, cls, world, t0, det, run, progress, split, labeled_split) -> int:
+    from .detector import config_to_dict
+    from .pipeline import VAL_SCORES, train_on_split
+    from .splits import split_counts, write_split_manifest
+
+    if labeled_split is not None and world.is_main:
+        write_split_manifest(labeled_split, run / "split.csv")
 
     def log(message: str) -> None:
         if world.is_main:
@@ -349,9 +387,12 @@ def _load_scorer(args):
     if not run.exists():
         raise ScanomalyError(f"{args.model}: no such run or model folder")
     if args.runtime == "onnx":
+        from . import runs
         from .export import OnnxScorer, find_onnx
 
-        return OnnxScorer(find_onnx(run))
+        scorer = OnnxScorer(find_onnx(run), threads=args.threads)
+        runs.check_onnx_matches_model(scorer.path, scorer.metadata)  # never an export of earlier weights
+        return scorer
     from .detector import Detector
 
     det = Detector.load(_model_dir(run), device=args.device, precision=args.precision)
@@ -365,6 +406,9 @@ def _load_scorer(args):
 def _records_to_score(args) -> list[ImageRecord]:
     source = _abspath(args.images)
     if not args.role:
+        from .runs import warn_if_unlabeled_manifest
+
+        warn_if_unlabeled_manifest(source)
         return discover(source)
     from .splits import ROLES, read_split_manifest
 
@@ -379,13 +423,15 @@ def _records_to_score(args) -> list[ImageRecord]:
 
 def _cmd_score(args) -> int:
     from .streaming import score_stream
+    from .threads import default_workers
 
     scorer = _load_scorer(args)
     records = _records_to_score(args)
     out = _abspath(args.out)
     try:
         summary = score_stream(
-            scorer, records, out, batch_size=args.batch_size, workers=args.workers,
+            scorer, records, out, batch_size=args.batch_size,
+            workers=args.workers if args.workers is not None else default_workers(),
             heatmap_dir=_abspath(args.heatmaps) if args.heatmaps else None,
             heatmap_range=tuple(args.heatmap_range) if args.heatmap_range else None,
             overwrite=args.overwrite, progress=not args.no_progress,
@@ -547,11 +593,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--precision", default="32", choices=("32", "bf16", "16-mixed"))
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config (or preprocessing) option")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a --out that holds another run (by default only the same run is resumed)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads (default: OMP_NUM_THREADS, else the cores this process may use)")
     p.set_defaults(func=_cmd_train)
 
     from .export import DEFAULT_OPSET
-    from .streaming import DEFAULT_WORKERS
 
     p = sub.add_parser("score", help="score images with a trained model, streaming (resumable); optional heatmap panels")
     p.add_argument("model", metavar="RUN_OR_MODEL_DIR")
@@ -560,8 +609,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmaps", metavar="DIR", help="write one heatmap panel PNG per image here")
     p.add_argument("--role", help="with a split.csv: score only this role (e.g. test, val)")
     p.add_argument("--batch-size", type=int, default=64, help="images read, scored and written at a time (default 64)")
-    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
-                   help=f"processes that read and preprocess images (default {DEFAULT_WORKERS}; 0: in the main process)")
+    p.add_argument("--workers", type=int,
+                   help="processes that read and preprocess images (default: min(2, cores - 1); 0: in the main "
+                        "process)")
     p.add_argument("--heatmap-range", type=float, nargs=2, metavar=("VMIN", "VMAX"),
                    help="colour scale of the heatmap panels (default: from the first batch, kept for the run)")
     p.add_argument("--overwrite", action="store_true",
@@ -574,6 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the scoring network (--runtime torch; one-pass methods); pays off on long runs")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads (default: OMP_NUM_THREADS, else the cores this process may use)")
     p.set_defaults(func=_cmd_score)
 
     p = sub.add_parser("export", help="export a trained model for deployment (ONNX, with its preprocessing)")
@@ -581,6 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("onnx",), default="onnx")
     p.add_argument("--out", metavar="FILE", help="where to write it (default: MODEL_DIR/model.onnx)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads (default: OMP_NUM_THREADS, else the cores this process may use)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("demo", help="train and evaluate on the bundled chest X-ray sample")
@@ -588,6 +642,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, help="training iterations (default 300)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads (default: OMP_NUM_THREADS, else the cores this process may use)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("benchmark", help="train and score several methods and seeds on one shared split; "
@@ -610,6 +666,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples for the AUROC interval")
     p.add_argument("--no-report", action="store_true", help="skip report.html (build it later with `report`)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads (default: OMP_NUM_THREADS, else the cores this process may use)")
     p.set_defaults(func=_cmd_benchmark)
 
     p = sub.add_parser("report", help="(re)build the self-contained report.html of a benchmark or run folder")
@@ -618,6 +676,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gallery", type=int, default=4, metavar="N",
                    help="show the N most and N least anomalous test images (0: no gallery)")
     p.add_argument("--device", default="cpu", help="accepted for older scripts; the report runs no model")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads (default: OMP_NUM_THREADS, else the cores this process may use)")
     p.set_defaults(func=_cmd_report)
     return parser
 
@@ -638,6 +698,10 @@ def main(argv=None) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
+            if hasattr(args, "threads"):  # the heavy verbs: threads chosen before any work (threads.py)
+                from .threads import use_threads
+
+                use_threads(args.threads)
             return int(args.func(args) or 0)
         except ScanomalyError as exc:
             print(f"error: {exc}", file=sys.stderr)

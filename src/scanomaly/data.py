@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import ImageReadError, ScanomalyError
-from .io import is_image_file, npz_splits, read_image, suffix_of
+from .io import check_image_size, is_image_file, npz_splits, read_image, suffix_of
 from .preprocess import Preprocessing
 
 NORMAL, ABNORMAL, UNKNOWN = 0, 1, -1
@@ -263,6 +263,8 @@ def load_images(
                 arrays = read_image(rec.path)
             else:
                 arrays = [_cached_image(cache, rec)]
+            for arr in arrays:
+                check_image_size(rec.path, arr)  # too small to score: skipped with its reason
             rec_masks = [_load_mask(rec, arr.shape, preprocessing) for arr in arrays] if any_mask else None
         except ScanomalyError as exc:
             entry = {"path": rec.path, "reason": getattr(exc, "reason", str(exc))}

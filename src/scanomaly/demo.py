@@ -2,8 +2,8 @@
 
 Splits the 360 bundled images by the HealthyGAN protocol (known-healthy B, mixed unlabeled A at 30%
 abnormal, a validation set for the threshold, the official test images), trains the cpu profile
-for a short run, prints the test metrics, and writes the scores and heatmap panels of the most and
-least anomalous test images.
+for a short run, prints the test metrics, and writes the scores (the columns of `scanomaly score`),
+heatmap panels of the 4 most and 4 least anomalous test images on one colour scale, and report.html.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from .pipeline import run_method
 from .data import load_images
 from .detector import Detector
 from .metrics import format_metrics_table
+from .report import build_report
 from .splits import read_split_manifest
+from .streaming import HEATMAP_PERCENTILE
 from .viz import save_heatmap_panel
 
 DEMO_ITERATIONS = 300  # ~3 minutes on 2 cores at 64 px; the full cpu profile runs 2800
@@ -50,18 +52,24 @@ def run_demo(args) -> int:
         f"trained {result['train_seconds']:.0f} s, scoring {result['scoring_images_per_second']:.0f} images/s"
     )
     n = _write_heatmaps(out)
-    print(f"\nscores: {out / 'test_scores.csv'}\nheatmaps of the {n} most and least anomalous test images: {out / 'heatmaps'}")
+    report = build_report(out)
+    print(f"\nscores: {out / 'test_scores.csv'}\nheatmaps of the {n} most and {n} least anomalous test images "
+          f"(one colour scale): {out / 'heatmaps'}\nreport: {report}")
     print(f"model: {out / 'model'} (score new images with: scanomaly score {out} IMAGES --out scores.csv --heatmaps DIR)")
     print("This is a short demo run on 360 images; see BENCHMARKS.md for the full cpu-profile numbers.")
     return 0
 
 
 def _write_heatmaps(out: Path, per_end: int = 4) -> int:
+    """Panels of the `per_end` most and `per_end` least anomalous test images; returns `per_end`."""
     det = Detector.load(out / "model")
     split = read_split_manifest(out / "split.csv")
     test = load_images(split.test, det.preprocessing, progress=False)
     scores, maps = det.score(test)
     healthy = det.reconstruct(test)
+    # one colour scale for every panel (as `score --heatmaps`), so that a normal scan's noise does not look as hot
+    # as disease: the test maps' minimum and 99.5th percentile
+    vmin, vmax = float(maps.min()), float(np.percentile(maps, HEATMAP_PERCENTILE))
     order = np.argsort(scores)
     picks = list(order[::-1][:per_end]) + list(order[:per_end])  # most anomalous first, then least
     for rank, i in enumerate(picks):
@@ -74,5 +82,7 @@ def _write_heatmaps(out: Path, per_end: int = 4) -> int:
             maps[i],
             healthy=None if healthy is None else healthy[i],
             title=f"{Path(rec.path).name} ({label}) score {scores[i]:.4f}",
+            vmin=vmin,
+            vmax=vmax,
         )
-    return len(picks)
+    return per_end

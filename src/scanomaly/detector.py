@@ -22,8 +22,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from . import runs
 from .data import ImageSet
 from .errors import ScanomalyError
 from .preprocess import Preprocessing
@@ -175,14 +176,16 @@ class Detector(abc.ABC):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_tensors().items()}
-        save_file(tensors, str(directory / MODEL_WEIGHTS))
+        runs.drop_stale_exports(directory)  # an export of the weights being replaced must not outlive them
+        weights_sha256 = runs.write_weights(tensors, directory / MODEL_WEIGHTS)
         meta = {
             "method": self.name,
             "config": config_to_dict(self.config),
             "preprocessing": self.preprocessing.to_dict(),
             "extra": self.extra_state(),
         }
-        (directory / MODEL_CONFIG).write_text(json.dumps(meta, indent=2))
+        (directory / MODEL_CONFIG).write_text(json.dumps(runs.seal_meta(meta, weights_sha256), indent=2, default=str))
+        self.weights_sha256 = weights_sha256
         return directory
 
     @staticmethod
@@ -194,13 +197,28 @@ class Detector(abc.ABC):
             raise ScanomalyError(f"{directory}: not a saved model (expected {MODEL_CONFIG} and {MODEL_WEIGHTS})")
         try:
             meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ScanomalyError(f"{meta_path}: corrupt model config ({exc})") from None
-        cls = get_method(meta["method"])
-        det = cls(config_from_dict(cls.Config, meta["config"]), Preprocessing.from_dict(meta["preprocessing"]),
-                  device=device, precision=precision)
-        det.load_state_tensors(load_file(str(weights_path)))
-        det.load_extra_state(meta.get("extra", {}))
+        if not isinstance(meta, dict) or not isinstance(meta.get("method"), str):
+            raise ScanomalyError(f"{meta_path}: not a model config (no 'method' entry)")
+        weights_sha256 = runs.verify_model(directory, meta, meta_path, weights_path)
+        try:
+            cls = get_method(meta["method"])
+            det = cls(config_from_dict(cls.Config, meta["config"]), Preprocessing.from_dict(meta["preprocessing"]),
+                      device=device, precision=precision)
+        except ScanomalyError as exc:
+            raise ScanomalyError(f"{meta_path}: {exc}") from None
+        except Exception as exc:  # a config its method cannot be built from
+            raise runs.describe_load_failure(meta_path, exc) from None
+        try:
+            det.load_state_tensors(load_file(str(weights_path)))
+        except Exception as exc:  # truncated / empty file, or tensors of another shape than the config's network
+            raise runs.describe_load_failure(weights_path, exc) from None
+        try:
+            det.load_extra_state(meta.get("extra", {}))
+        except Exception as exc:
+            raise runs.describe_load_failure(meta_path, exc) from None
+        det.weights_sha256, det.model_dir = weights_sha256, directory
         return det
 
 

@@ -39,10 +39,11 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from . import __version__
+from . import __version__, runs
 from .detector import Detector, anomaly_map, as_tensor, config_to_dict
 from .errors import ScanomalyError
 from .preprocess import Preprocessing
+from .threads import default_threads
 
 ONNX_FILE = "model.onnx"  # the default place: beside model.safetensors in the model folder
 METADATA_KEY = "scanomaly"
@@ -129,6 +130,7 @@ def export_onnx(detector: Detector, path, opset: int = DEFAULT_OPSET) -> ExportR
         "preprocessing": prep.to_dict(),
         "scanomaly_version": __version__,
         "opset": opset,
+        runs.WEIGHTS_KEY: runs.scorer_weights(detector),  # scoring refuses it beside other weights
         "input": INPUT_NAME,
         "outputs": list(OUTPUT_NAMES),
     }
@@ -192,8 +194,8 @@ class OnnxScorer:
         ort = _require("onnxruntime")
         self.path = Path(path)
         options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
+        options.intra_op_num_threads = threads or default_threads()  # not every core of a shared machine
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # wait without spinning
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own exception types for missing or corrupt files

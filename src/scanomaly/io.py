@@ -10,8 +10,15 @@ Formats and intensity rules:
   range), float TIFFs are min-max scaled; RGB is converted to gray (ITU-R 601 luma), alpha ignored.
   Only the first page of a multi-page TIFF is read.
 - DICOM (.dcm, .dicom, or any file with the DICM preamble): RescaleSlope / RescaleIntercept are
-  applied, then the first WindowCenter / WindowWidth when present, else min-max over all frames;
+  applied, then the first WindowCenter / WindowWidth when present; without a window, the range the
+  stored integers can take (BitsStored, signed or not, through the same rescale) maps to [0, 1]: the
+  bit depth, as for PNG, not the image's own range, so that the same pixels as an 8-bit PNG and as
+  an 8-bit DICOM without a window are the same image. Float pixel data is min-max scaled.
   MONOCHROME1 is inverted so that high values are bright. Multi-frame gives one image per frame.
+- Every format: an image smaller than MIN_IMAGE_SIDE pixels on a side is refused (named, and skipped
+  by runs over many files): resized up to a model's input it would be a blur that reads as normal.
+  Per-image normalisation, for data whose exposure varies, is the model's preprocessing option
+  `intensity` (minmax, percentile, equalize), saved with the model.
 - NIfTI (.nii, .nii.gz): a 2-D image gives one image (stored order); a 3-D volume is first turned to
   the closest canonical (RAS+) orientation from its affine, so whatever the scanner's storage order its
   slices are axial, inferior to superior, each shown radiologically (anterior at the top, the patient's
@@ -31,6 +38,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ImageReadError
+
+MIN_IMAGE_SIDE = 16  # pixels: the smallest image (either side) that is read as an image to score
 
 RASTER_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
@@ -207,14 +216,39 @@ def read_dicom(path: Path) -> list[np.ndarray]:
 
     center = _first(getattr(ds, "WindowCenter", None))
     width = _first(getattr(ds, "WindowWidth", None))
+    stored = _stored_range(ds, slope, intercept)
     if center is not None and width is not None and width > 0:
         lo, hi = center - width / 2.0, center + width / 2.0
         arr = np.clip((arr - lo) / (hi - lo), 0.0, 1.0)
-    else:
+    elif stored is not None:
+        lo, hi = stored
+        arr = np.clip((arr - lo) / (hi - lo), 0.0, 1.0)
+    else:  # float pixel data: no bit depth to go by
         arr = _minmax(arr)
     if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         arr = 1.0 - arr  # MONOCHROME1: the lowest value is displayed white
     return [np.ascontiguousarray(f, dtype=np.float32) for f in arr]
+
+
+def _stored_range(ds, slope: float | None, intercept: float | None) -> tuple[float, float] | None:
+    """The values integer pixel data can take (BitsStored; PixelRepresentation 1 = signed), after the
+    rescale: the intensity scale of a DICOM without a window. None for float pixel data."""
+    if "PixelData" not in ds:
+        return None
+    try:
+        bits = int(getattr(ds, "BitsStored", 0) or getattr(ds, "BitsAllocated", 0) or 0)
+    except (TypeError, ValueError):
+        return None
+    if not 1 <= bits <= 32:
+        return None
+    if int(getattr(ds, "PixelRepresentation", 0) or 0) == 1:
+        lo, hi = -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1
+    else:
+        lo, hi = 0.0, 2.0 ** bits - 1
+    slope = 1.0 if slope is None else slope
+    intercept = 0.0 if intercept is None else intercept
+    lo, hi = sorted((lo * slope + intercept, hi * slope + intercept))
+    return (lo, hi) if hi > lo else None
 
 
 # ------------------------------------------------------------------------------------------
@@ -397,6 +431,14 @@ def _minmax(arr: np.ndarray) -> np.ndarray:
     arr = np.asarray(arr, dtype=np.float32)
     lo, hi = float(np.min(arr)), float(np.max(arr))
     return np.zeros_like(arr, dtype=np.float32) if hi - lo < 1e-12 else ((arr - lo) / (hi - lo)).astype(np.float32)
+
+
+def check_image_size(path, img: np.ndarray) -> np.ndarray:
+    """Refuse an image smaller than MIN_IMAGE_SIDE on a side (it would be scored as a featureless blur)."""
+    if min(img.shape[:2]) < MIN_IMAGE_SIDE:
+        raise ImageReadError(path, f"image is {img.shape[1]}x{img.shape[0]} pixels; scanomaly reads images of at "
+                                   f"least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}")
+    return img
 
 
 def _check_finite(path, img: np.ndarray) -> np.ndarray:

@@ -335,11 +335,17 @@ def load_results(out_dir) -> dict:
 
 
 def single_run_results(run_dir: Path) -> dict:
-    """The results of one run folder (result.json), shaped like a benchmark's with one run."""
-    try:
-        result = json.loads((Path(run_dir) / "result.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise ScanomalyError(f"{Path(run_dir) / 'result.json'}: corrupt result file ({exc})") from None
+    """The results of one run folder (a benchmark run's result.json, or a `train` run with its test scores),
+    shaped like a benchmark's with one run."""
+    if not (Path(run_dir) / "result.json").is_file():  # a run folder made by `train`
+        from .runs import train_run_result
+
+        result = train_run_result(run_dir)
+    else:
+        try:
+            result = json.loads((Path(run_dir) / "result.json").read_text())
+        except json.JSONDecodeError as exc:
+            raise ScanomalyError(f"{Path(run_dir) / 'result.json'}: corrupt result file ({exc})") from None
     method, seed = result.get("method", "?"), result.get("seed", 0)
     runs = [run_record(method, seed, ".", result)]
     return {
@@ -360,9 +366,10 @@ def load_any(directory) -> tuple[dict, str]:
         raise ScanomalyError(f"{d}: no such folder")
     if (d / "results.json").is_file():
         return load_results(d), "benchmark"
-    if (d / "result.json").is_file():
+    if (d / "result.json").is_file() or (d / "train_summary.json").is_file():
         return single_run_results(d), "run"
-    raise ScanomalyError(f"{d}: neither a benchmark folder (results.json) nor a run folder (result.json)")
+    raise ScanomalyError(f"{d}: neither a benchmark folder (results.json) nor a run folder (result.json, or "
+                         "train_summary.json from `train`)")
 
 
 def markdown_row(r: dict, rule: str = "balanced") -> str:

@@ -38,8 +38,9 @@ from tqdm.auto import tqdm
 
 from .data import UNKNOWN, ImageRecord, _cached_image, discover, label_text
 from .errors import ImageReadError, ScanomalyError
-from .io import RASTER_SUFFIXES, describe_file, read_image, suffix_of
+from .io import RASTER_SUFFIXES, check_image_size, describe_file, read_image, suffix_of
 from .preprocess import Preprocessing, to_unit_range
+from . import runs
 from .scores_csv import SCORE_COLUMNS, record_key, score_row
 
 HEATMAP_COLUMN = "heatmap"
@@ -87,7 +88,7 @@ class RecordImages(Dataset):
         rec = self.records[i]
         try:
             arrays = read_image(rec.path) if rec.index is None else [_cached_image(self._cache, rec)]
-            return i, [self.preprocessing.apply(a) for a in arrays], None
+            return i, [self.preprocessing.apply(check_image_size(rec.path, a)) for a in arrays], None
         except ScanomalyError as exc:
             return i, [], getattr(exc, "reason", str(exc))
 
@@ -242,11 +243,13 @@ def score_stream(
     columns = list(SCORE_COLUMNS) + ([HEATMAP_COLUMN] if heatmap_dir is not None else [])
     scale_file = heatmap_scale_path(out_csv)
     if overwrite:
-        for stale in (out_csv, scale_file):
+        for stale in (out_csv, scale_file, runs.scores_source_path(out_csv)):
             stale.unlink(missing_ok=True)
+        runs.drop_heatmap_panels(heatmap_dir)
 
     records = expand_records(records)
     done = scored_keys(out_csv, columns) if out_csv.is_file() else set()
+    runs.check_scores_source(out_csv, runs.scorer_source(scorer), resuming=bool(done))  # one model per CSV
     todo = [i for i, r in enumerate(records) if record_key(r.path, r.index) not in done]
     n_already = len(records) - len(todo)
     scale = heatmap_range

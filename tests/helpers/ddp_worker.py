@@ -21,6 +21,9 @@ from scanomaly.methods.healthygan import HealthyGAN, HealthyGANTask  # noqa: E40
 ap = argparse.ArgumentParser()
 ap.add_argument("out")
 ap.add_argument("--die-after-calls", type=int, default=0, help="simulate a kill: stop every rank at this loss call")
+ap.add_argument("--gradient-noise", type=float, default=0.0,
+                help="multiply every gradient element by (1 + u * this), u uniform in [-1, 1] from a generator of its "
+                     "own: rounding-sized changes at every step, as a different order of float additions makes")
 args = ap.parse_args()
 
 torch.set_num_threads(1)
@@ -39,6 +42,18 @@ if args.die_after_calls:
 # AUCp selection on: rank 0 evaluates, every rank loads the best weights it wrote
 det = HealthyGAN.from_profile("tiny", {"iterations": 8, "checkpoint_every": 4, "batch_size": 4, "aucp_pool": 8})
 out = Path(args.out)
+if args.gradient_noise:
+    noise = torch.Generator().manual_seed(1234)  # not the training's random numbers: those must stay the same
+    original_build = HealthyGANTask.__init__
+
+    def noisy_init(self, *a, **kw):
+        original_build(self, *a, **kw)
+        for module in self.modules().values():
+            for p in module.parameters():
+                if p.requires_grad:
+                    p.register_hook(lambda g: g * (1 + args.gradient_noise * (2 * torch.rand(g.shape, generator=noise) - 1)))
+
+    HealthyGANTask.__init__ = noisy_init
 det.fit(blobs(12, seed=1), blobs(12, seed=2), work_dir=out / "work", progress=False)
 weights = {f"generator.{k}": v for k, v in det.generator.state_dict().items()}
 weights |= {f"critic.{k}": v for k, v in det.critic.state_dict().items()}
