@@ -512,13 +512,19 @@ def _cmd_score(args) -> int:
     scorer = _load_scorer(args)
     records = _records_to_score(args)
     out = _abspath(args.out)
+    # volumes in, volumes out: NIfTI / DICOM maps on the input's grid (volumes.py)
+    from .volumes import VolumeOutputs
+
+    volumes = VolumeOutputs(scorer, records, _abspath(args.heatmaps)) if args.heatmaps else None
     try:
         summary = score_stream(
             scorer, records, out, batch_size=args.batch_size, workers=args.workers,
             heatmap_dir=_abspath(args.heatmaps) if args.heatmaps else None,
             heatmap_range=tuple(args.heatmap_range) if args.heatmap_range else None,
             overwrite=args.overwrite, progress=not args.no_progress,
+            on_scored=volumes.add if volumes else None,
         )
+        volume_csv = volumes.finish(out, batch_size=args.batch_size) if volumes else None
     except KeyboardInterrupt:
         print(f"the images scored so far are in {out}; run the same command again to resume", file=sys.stderr)
         raise
@@ -529,6 +535,7 @@ def _cmd_score(args) -> int:
           f"{summary.images_per_second:.1f} images/s): scores in {out}"
           + (f" ({summary.n_already_scored} scored before, not again)" if summary.n_already_scored else "")
           + (f", heatmaps in {args.heatmaps}" if args.heatmaps else "")
+          + (f"; {len(volumes.volumes)} volume map(s), volume scores in {volume_csv}" if volume_csv else "")
           + (f"; {len(summary.skipped)} skipped (listed in {skipped_path})" if summary.skipped else ""))
     return 0
 
