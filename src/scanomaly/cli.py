@@ -8,6 +8,7 @@
     scanomaly demo
     scanomaly benchmark --data DIR --methods healthygan,padim --seeds 3 --out BENCH
     scanomaly report BENCH_OR_RUN                       rebuild report.html from saved results
+    scanomaly view SCORES_OR_RUN_OR_BENCH               a local web viewer of the scored scans
 
 User errors print `error: <message>` and exit with status 2; Ctrl-C exits with 130.
 """
@@ -628,6 +629,19 @@ def _cmd_report(args) -> int:
 # ------------------------------------------------------------------------------------------
 # parser and entry point
 # ------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------
+# view (the local web viewer, viewer/)
+# ------------------------------------------------------------------------------------------
+def _cmd_view(args) -> int:
+    from .viewer import serve
+
+    if args.max_upload_mb <= 0:
+        raise ScanomalyError("--max-upload-mb must be positive")
+    serve(args.target, model=args.model, host=args.host, port=args.port, workdir=args.workdir,
+          max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .metrics import REDUCTIONS, THRESHOLD_RULES
 
@@ -708,6 +722,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the scoring network (--runtime torch; one-pass methods); pays off on long runs")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_score)
+
+    p = sub.add_parser("view", help="look at scored scans in a local web viewer (sorted, filtered, heatmaps, threshold)")
+    p.add_argument("target", metavar="SCORES_CSV_OR_RUN_OR_BENCHMARK")
+    p.add_argument("--model", metavar="RUN_OR_MODEL_DIR", help="the model that scored them (default: beside the CSV)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--workdir", help="the only folder the viewer writes to (uploads); default a temporary one")
+    p.add_argument("--max-upload-mb", type=float, default=32.0, help="largest file accepted for scoring (default 32)")
+    p.set_defaults(func=_cmd_view)
 
     p = sub.add_parser("export", help="export a trained model for deployment (ONNX, with its preprocessing)")
     p.add_argument("model", metavar="RUN_OR_MODEL_DIR")
