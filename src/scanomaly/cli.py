@@ -508,32 +508,50 @@ def _records_to_score(args) -> list[ImageRecord]:
 
 
 def _cmd_score(args) -> int:
+    from . import distributed
+
+    world = distributed.init_from_env(args.device)  # under torchrun: one shard per rank (distributed_scoring.py)
+    try:
+        return _score(args, world)
+    finally:
+        distributed.shutdown()
+
+
+def _score(args, world) -> int:
     from .streaming import score_stream
 
     scorer = _load_scorer(args)
     records = _records_to_score(args)
     out = _abspath(args.out)
     # volumes in, volumes out: NIfTI / DICOM maps on the input's grid (volumes.py)
-    from .volumes import VolumeOutputs
+    from .volumes import VolumeOutputs, volume_scores_path
 
     volumes = VolumeOutputs(scorer, records, _abspath(args.heatmaps)) if args.heatmaps else None
+    options = dict(batch_size=args.batch_size, workers=args.workers,
+                   heatmap_dir=_abspath(args.heatmaps) if args.heatmaps else None,
+                   heatmap_range=tuple(args.heatmap_range) if args.heatmap_range else None,
+                   overwrite=args.overwrite, progress=not args.no_progress)
+    volume_csv = None
     try:
-        summary = score_stream(
-            scorer, records, out, batch_size=args.batch_size, workers=args.workers,
-            heatmap_dir=_abspath(args.heatmaps) if args.heatmaps else None,
-            heatmap_range=tuple(args.heatmap_range) if args.heatmap_range else None,
-            overwrite=args.overwrite, progress=not args.no_progress,
-            on_scored=volumes.add if volumes else None,
-        )
-        volume_csv = volumes.finish(out, batch_size=args.batch_size) if volumes else None
+        if world.distributed:
+            from .distributed_scoring import score_sharded
+
+            summary = score_sharded(scorer, records, out, volumes=volumes or None, **options)
+            volume_csv = volume_scores_path(out) if volumes and world.is_main else None  # rank 0 wrote it
+        else:
+            summary = score_stream(scorer, records, out, on_scored=volumes.add if volumes else None, **options)
+            volume_csv = volumes.finish(out, batch_size=args.batch_size) if volumes else None
     except KeyboardInterrupt:
         print(f"the images scored so far are in {out}; run the same command again to resume", file=sys.stderr)
         raise
+    if not world.is_main:
+        return 0
     skipped_path = out.with_name(out.stem + "_skipped.json")
     _write_json(skipped_path, summary.skipped)
     _print_skipped(summary.skipped)
     print(f"scored {summary.n_scored} image(s) with {scorer.name} ({args.runtime}, "
-          f"{summary.images_per_second:.1f} images/s): scores in {out}"
+          f"{summary.images_per_second:.1f} images/s"
+          + (f" on {world.size} processes" if world.distributed else "") + f"): scores in {out}"
           + (f" ({summary.n_already_scored} scored before, not again)" if summary.n_already_scored else "")
           + (f", heatmaps in {args.heatmaps}" if args.heatmaps else "")
           + (f"; {len(volumes.volumes)} volume map(s), volume scores in {volume_csv}" if volume_csv else "")

@@ -180,11 +180,24 @@ class VolumeOutputs:
         self.dir = Path(heatmap_dir) / VOLUME_DIR
         self.volumes = find_volumes(records)
         self._by_key: dict[tuple, Volume] = {k: v for v in self.volumes for k in v.keys}
+        self._series_of_file = {f: v.name for v in self.volumes if v.kind == "dicom" for f in v.files}
+        self._mine: set[str] | None = None  # files of the records this process scores (None: all)
         self.seconds_writing = 0.0
         self.n_written = 0
 
     def __bool__(self) -> bool:
         return bool(self.volumes)
+
+    def group_of(self, rec: ImageRecord) -> str:
+        """What must be scored by one process for its volume to be whole: a DICOM series, else the file."""
+        return self._series_of_file.get(rec.path, rec.path)
+
+    def restrict(self, records: list[ImageRecord]) -> None:
+        """This process scores only `records` (a shard, whole volumes): `finish` writes only their volumes."""
+        self._mine = {r.path for r in records}
+
+    def _is_mine(self, vol: Volume) -> bool:
+        return self._mine is None or any(f in self._mine for f in vol.files)
 
     def output_stem(self, vol: Volume) -> Path:
         position = self.volumes.index(vol)
@@ -205,19 +218,29 @@ class VolumeOutputs:
             if vol.complete:
                 self._write(vol)
 
-    def finish(self, out_csv, batch_size: int = 64) -> Path | None:
+    def finish(self, out_csv, batch_size: int = 64, write_scores: bool = True) -> Path | None:
         """Score again the volumes an earlier run had partly scored (their maps are not in this process),
-        write them, and the per-volume scores CSV beside `out_csv`. Returns that CSV's path (None: no volumes)."""
+        write them, and (`write_scores`) the per-volume scores CSV beside `out_csv`. Returns that CSV's path
+        (None: no volumes, or not written)."""
         if not self.volumes:
             return None
         for vol in self.volumes:
+            if not self._is_mine(vol):
+                continue
             if vol.outputs is None and not vol.seen and self._written_before(vol):
                 continue
             if vol.outputs is None:
                 self._rescore(vol, batch_size)  # writes it once its slices are all in
             if vol.outputs is None:
                 raise ScanomalyError(f"{vol.files[0]}: some slices of the volume could not be scored again")
-        return write_volume_scores(self.volumes, out_csv, self)
+        return self.write_scores(out_csv) if write_scores else None
+
+    def write_scores(self, out_csv) -> Path:
+        """The per-volume scores CSV of `out_csv`; volumes written by other processes are found on disk."""
+        for vol in self.volumes:
+            if vol.outputs is None:
+                self._written_before(vol)
+        return write_volume_scores(self.volumes, out_csv)
 
     def _written_before(self, vol: Volume) -> bool:
         """A volume none of whose slices this run scored, with outputs on disk: an earlier run wrote them
@@ -393,7 +416,7 @@ def _slice_scores(out_csv: Path) -> dict[tuple, float]:
                 for r in csv.DictReader(fh)}
 
 
-def write_volume_scores(volumes: list[Volume], out_csv, outputs: VolumeOutputs | None = None) -> Path:
+def write_volume_scores(volumes: list[Volume], out_csv) -> Path:
     """`<stem>_volumes.csv`: one row per volume with its slices' mean, max and top-k mean score."""
     scores = _slice_scores(Path(out_csv))
     ids, values, labels = [], [], []
