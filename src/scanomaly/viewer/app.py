@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
@@ -65,6 +66,9 @@ def create_app(sources: list[Source], workdir, max_upload_bytes: int = DEFAULT_M
     uploads = workdir / "uploads"
     uploads.mkdir(parents=True, exist_ok=True)
     renderer = Renderer(Models())
+    from sklearn.metrics import roc_auc_score, roc_curve  # imported with the app, not on the first request
+
+    rocs: dict[int, dict] = {}
     slices: dict[str, int] = {}  # NIfTI path -> slice count
 
     def source_of(request: Request, value=None) -> Source:
@@ -125,8 +129,11 @@ def create_app(sources: list[Source], workdir, max_upload_bytes: int = DEFAULT_M
                          "index": r["index"], "score": r["score"],
                          "label": {0: "normal", 1: "abnormal"}.get(r["label"], "unknown"),
                          "slices": slice_count(r)})
+        # the page's pictures, drawn in one batch while the browser lays the rows out and asks for them
+        prefetch = BackgroundTask(renderer.prefetch, source, [(source.rows[i]["path"], source.rows[i]["index"])
+                                                              for i in chosen.tolist()])
         return JSONResponse({"total": int(len(selected)), "page": page_no, "per_page": per_page, "rows": rows,
-                             "has_model": source.model_dir is not None})
+                             "has_model": source.model_dir is not None}, background=prefetch)
 
     async def api_roc(request: Request):
         try:
@@ -135,14 +142,13 @@ def create_app(sources: list[Source], workdir, max_upload_bytes: int = DEFAULT_M
             return _error(404, str(exc))
         if not source.has_labels:
             return JSONResponse({"has_labels": False})
-        from sklearn.metrics import roc_auc_score, roc_curve
-
-        known = source.labels >= 0
-        y, s = source.labels[known], source.scores[known]
-        fpr, tpr, _ = roc_curve(y, s)
-        return JSONResponse({"has_labels": True, "auroc": float(roc_auc_score(y, s)),
-                             "fpr": fpr.tolist(), "tpr": tpr.tolist(),
-                             "scores": s.tolist(), "labels": y.tolist()})
+        if source.id not in rocs:
+            known = source.labels >= 0
+            y, s = source.labels[known], source.scores[known]
+            fpr, tpr, _ = roc_curve(y, s)
+            rocs[source.id] = {"has_labels": True, "auroc": float(roc_auc_score(y, s)),
+                               "fpr": fpr.tolist(), "tpr": tpr.tolist(), "scores": s.tolist(), "labels": y.tolist()}
+        return JSONResponse(rocs[source.id])
 
     async def api_image(request: Request):
         kind = request.path_params["kind"]
@@ -209,7 +215,7 @@ def create_app(sources: list[Source], workdir, max_upload_bytes: int = DEFAULT_M
             return _error(415, f"not an image this tool reads ({exc.reason}); "
                                "upload PNG, JPEG, TIFF, BMP, DICOM or NIfTI")
         arrays = arrays[:MAX_UPLOAD_IMAGES]
-        drawn = [renderer.draw(source, a) for a in arrays]
+        drawn = [d for start in range(0, len(arrays), 64) for d in renderer.draw_batch(source, arrays[start : start + 64])]
         best = int(np.argmax([d["score"] for d in drawn]))
 
         def uri(data):
