@@ -148,14 +148,14 @@ def test_a_resumed_run_rescores_a_partly_scored_volume_and_reuses_finished_ones(
         np.testing.assert_array_equal(np.asarray(nib.load(vol.outputs[0]).dataobj), ref)
 
     # run again: nothing to score, the written volumes are kept, not redone
-    stamps = [Path_mtime(v.outputs[0]) for v in volumes.volumes]
+    stamps = [mtime(v.outputs[0]) for v in volumes.volumes]
     volumes, volume_csv = _score_with_volumes(scorer, records, tmp_path / "part.csv", tmp_path / "part")
-    assert [Path_mtime(v.outputs[0]) for v in volumes.volumes] == stamps
+    assert [mtime(v.outputs[0]) for v in volumes.volumes] == stamps
     with open(volume_csv, newline="") as fh:
         assert [r["anomaly_map"] for r in csv.DictReader(fh)] == [v.outputs[0] for v in volumes.volumes]
 
 
-def Path_mtime(path) -> int:
+def mtime(path) -> int:
     import os
 
     return os.stat(path).st_mtime_ns
@@ -192,7 +192,7 @@ def test_cli_score_writes_volume_maps_with_a_real_detector(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------
 def write_mr_series(folder, n=5, rows=32, cols=32, lesion=(3, 10, 21), seed=0):
     """A synthetic MR series of single-frame files, written in shuffled name order (slices sorted by position)."""
-    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("pydicom")
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 

@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from .data import ImageRecord
-from .errors import ImageReadError, ScanomalyError
+from .errors import ScanomalyError
 from .io import DICOM_SUFFIXES, NIFTI_SUFFIXES, RASTER_SUFFIXES, is_dicom_file, read_image, suffix_of
 from .metrics import patient_scores
 from .preprocess import Preprocessing, to_unit_range
