@@ -8,6 +8,7 @@
     scanomaly demo
     scanomaly benchmark --data DIR --methods healthygan,padim --seeds 3 --out BENCH
     scanomaly report BENCH_OR_RUN                       rebuild report.html from saved results
+    scanomaly view SCORES_OR_RUN_OR_BENCH               a local web viewer of the scored scans
 
 User errors print `error: <message>` and exit with status 2; Ctrl-C exits with 130.
 """
@@ -422,30 +423,55 @@ def _records_to_score(args) -> list[ImageRecord]:
 
 
 def _cmd_score(args) -> int:
+    from . import distributed
+
+    world = distributed.init_from_env(args.device)  # under torchrun: one shard per rank (distributed_scoring.py)
+    try:
+        return _score(args, world)
+    finally:
+        distributed.shutdown()
+
+
+def _score(args, world) -> int:
     from .streaming import score_stream
     from .threads import default_workers
 
     scorer = _load_scorer(args)
     records = _records_to_score(args)
     out = _abspath(args.out)
+    # volumes in, volumes out: NIfTI / DICOM maps on the input's grid (volumes.py)
+    from .volumes import VolumeOutputs, volume_scores_path
+
+    volumes = VolumeOutputs(scorer, records, _abspath(args.heatmaps)) if args.heatmaps else None
+    options = dict(batch_size=args.batch_size,
+                   workers=args.workers if args.workers is not None else default_workers(),
+                   heatmap_dir=_abspath(args.heatmaps) if args.heatmaps else None,
+                   heatmap_range=tuple(args.heatmap_range) if args.heatmap_range else None,
+                   overwrite=args.overwrite, progress=not args.no_progress)
+    volume_csv = None
     try:
-        summary = score_stream(
-            scorer, records, out, batch_size=args.batch_size,
-            workers=args.workers if args.workers is not None else default_workers(),
-            heatmap_dir=_abspath(args.heatmaps) if args.heatmaps else None,
-            heatmap_range=tuple(args.heatmap_range) if args.heatmap_range else None,
-            overwrite=args.overwrite, progress=not args.no_progress,
-        )
+        if world.distributed:
+            from .distributed_scoring import score_sharded
+
+            summary = score_sharded(scorer, records, out, volumes=volumes or None, **options)
+            volume_csv = volume_scores_path(out) if volumes and world.is_main else None  # rank 0 wrote it
+        else:
+            summary = score_stream(scorer, records, out, on_scored=volumes.add if volumes else None, **options)
+            volume_csv = volumes.finish(out, batch_size=args.batch_size) if volumes else None
     except KeyboardInterrupt:
         print(f"the images scored so far are in {out}; run the same command again to resume", file=sys.stderr)
         raise
+    if not world.is_main:
+        return 0
     skipped_path = out.with_name(out.stem + "_skipped.json")
     _write_json(skipped_path, summary.skipped)
     _print_skipped(summary.skipped)
     print(f"scored {summary.n_scored} image(s) with {scorer.name} ({args.runtime}, "
-          f"{summary.images_per_second:.1f} images/s): scores in {out}"
+          f"{summary.images_per_second:.1f} images/s"
+          + (f" on {world.size} processes" if world.distributed else "") + f"): scores in {out}"
           + (f" ({summary.n_already_scored} scored before, not again)" if summary.n_already_scored else "")
           + (f", heatmaps in {args.heatmaps}" if args.heatmaps else "")
+          + (f"; {len(volumes.volumes)} volume map(s), volume scores in {volume_csv}" if volume_csv else "")
           + (f"; {len(summary.skipped)} skipped (listed in {skipped_path})" if summary.skipped else ""))
     return 0
 
@@ -541,6 +567,19 @@ def _cmd_report(args) -> int:
 # ------------------------------------------------------------------------------------------
 # parser and entry point
 # ------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------
+# view (the local web viewer, viewer/)
+# ------------------------------------------------------------------------------------------
+def _cmd_view(args) -> int:
+    from .viewer import serve
+
+    if args.max_upload_mb <= 0:
+        raise ScanomalyError("--max-upload-mb must be positive")
+    serve(args.target, model=args.model, host=args.host, port=args.port, workdir=args.workdir,
+          max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .metrics import REDUCTIONS, THRESHOLD_RULES
 
@@ -627,6 +666,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads (default: OMP_NUM_THREADS, else the cores this process may use)")
     p.set_defaults(func=_cmd_score)
+
+    p = sub.add_parser("view", help="look at scored scans in a local web viewer (sorted, filtered, heatmaps, threshold)")
+    p.add_argument("target", metavar="SCORES_CSV_OR_RUN_OR_BENCHMARK")
+    p.add_argument("--model", metavar="RUN_OR_MODEL_DIR", help="the model that scored them (default: beside the CSV)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--workdir", help="the only folder the viewer writes to (uploads); default a temporary one")
+    p.add_argument("--max-upload-mb", type=float, default=32.0, help="largest file accepted for scoring (default 32)")
+    p.set_defaults(func=_cmd_view)
 
     p = sub.add_parser("export", help="export a trained model for deployment (ONNX, with its preprocessing)")
     p.add_argument("model", metavar="RUN_OR_MODEL_DIR")

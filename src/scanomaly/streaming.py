@@ -230,10 +230,12 @@ def score_stream(
     heatmap_range: tuple[float, float] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    on_scored=None,
 ) -> StreamSummary:
     """Score `records` batch by batch into `out_csv` (resuming it unless `overwrite`), with heatmap
     panels in `heatmap_dir` if given. `scorer` is a Detector or an `export.OnnxScorer`: anything
-    with `preprocessing`, `score(x, batch_size)` and `score_and_reconstruct(x, batch_size)`."""
+    with `preprocessing`, `score(x, batch_size)` and `score_and_reconstruct(x, batch_size)`.
+    `on_scored(records, scores, maps, healthy)`, with `heatmap_dir`, sees each batch's maps (volumes.VolumeOutputs)."""
     if batch_size < 1 or workers < 0:
         raise ScanomalyError(f"batch_size must be >= 1 and workers >= 0, got {batch_size} and {workers}")
     if not isinstance(records, list):
@@ -280,7 +282,7 @@ def score_stream(
         for batch in loader:
             summary.skipped.extend(batch.skipped)
             if batch.images is not None:
-                rows = _score_batch(scorer, batch, heatmap_dir, summary, scale_file)
+                rows = _score_batch(scorer, batch, heatmap_dir, summary, scale_file, on_scored)
                 writer.writerows(rows)
                 fh.flush()  # the rows are the record of what is done: out of the process before the next batch
                 summary.n_scored += len(rows)
@@ -293,7 +295,8 @@ def score_stream(
     return summary
 
 
-def _score_batch(scorer, batch: Batch, heatmap_dir: Path | None, summary: StreamSummary, scale_file: Path) -> list[list]:
+def _score_batch(scorer, batch: Batch, heatmap_dir: Path | None, summary: StreamSummary, scale_file: Path,
+                 on_scored=None) -> list[list]:
     x = batch.images
     if heatmap_dir is None:
         scores, _ = scorer.score(x, batch_size=len(x))
@@ -304,4 +307,6 @@ def _score_batch(scorer, batch: Batch, heatmap_dir: Path | None, summary: Stream
         summary.heatmap_range = (float(maps.min()), float(np.percentile(maps, HEATMAP_PERCENTILE)))
         _save_scale(scale_file, summary.heatmap_range)
     panels = _write_panels(batch, scores, maps, healthy, heatmap_dir, summary.heatmap_range)
+    if on_scored is not None:
+        on_scored(batch.records, scores, maps, healthy)
     return [score_row(rec, s) + [p] for rec, s, p in zip(batch.records, np.asarray(scores, dtype=np.float64), panels)]
