@@ -37,6 +37,7 @@ from sklearn.metrics import roc_auc_score
 from ..detector import ReconstructionDetector, anomaly_map, as_tensor, register
 from ..errors import ScanomalyError
 from ..nn.blocks import ResidualBlock, gradient_penalty, num_halvings
+from ..nn.pretrained_translator import ENCODER_STAGES, PretrainedMaskedTranslator
 from ..training.loop import GANTask, GANTrainer, LoopSettings, Phase
 from . import _patch_features as pf
 
@@ -238,6 +239,10 @@ class HealthyGANConfig:
     score_input_size: int = 0  # images are enlarged to this size before the backbone (0: as they are)
     score_sigma: float = 4.0  # Gaussian blur of the feature map, in pixels of the image
     score_pool: str = "mean"  # the image score: "mean" or "max" of the feature map
+    # the generator: "stargan" (the paper's) or "lite0" (frozen EfficientNet-Lite0 encoder, light
+    # upsample + conv decoder: nn/pretrained_translator.py); width and residual_blocks size its decoder
+    generator: str = "stargan"
+    encoder_weights: str | None = "imagenet"
 
 
 @register
@@ -309,7 +314,14 @@ class HealthyGAN(ReconstructionDetector):
         if c.score not in ("pixel", "features"):
             raise ScanomalyError(f"score must be 'pixel' or 'features', got {c.score!r}")
         torch.manual_seed(c.seed)  # the initial weights are part of the seeded run
-        self.generator = MaskedTranslator(p.channels, c.width, c.residual_blocks, c.mask_offset, c.upsample).to(self.device)
+        if c.generator == "stargan":
+            self.generator = MaskedTranslator(p.channels, c.width, c.residual_blocks, c.mask_offset, c.upsample)
+        elif c.generator == "lite0":
+            encoder = pf.build_extractor("efficientnet_lite0", c.encoder_weights, ENCODER_STAGES, torch.device("cpu"))
+            self.generator = PretrainedMaskedTranslator(encoder, p.channels, c.width, c.residual_blocks)
+        else:
+            raise ScanomalyError(f"generator must be 'stargan' or 'lite0', got {c.generator!r}")
+        self.generator = self.generator.to(self.device)
         self.critic = PatchCritic(p.channels, p.image_size, c.critic_width, c.critic_max_width, c.critic_final_size).to(self.device)
         self.scoring_generator = self.generator  # replaced by the EMA / AUCp-selected weights after fit
         self.feature_distance = self._feature_distance() if c.score == "features" else None
