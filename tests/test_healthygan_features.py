@@ -135,3 +135,43 @@ def test_unknown_score_is_a_clear_error():
 
     with pytest.raises(ScanomalyError, match="score"):
         HealthyGAN.from_profile("tiny", {"score": "pixels"})
+
+
+# -- generator=lite0: a frozen pretrained encoder under a light decoder ----------------------------
+def lite0_detector(**overrides) -> HealthyGAN:
+    cfg = {"iterations": 4, "selection": "last", "generator": "lite0", "encoder_weights": "random", **overrides}
+    return HealthyGAN.from_profile("tiny", cfg)
+
+
+def test_lite0_generator_shapes_blend_and_no_transposed_convolutions():
+    det = lite0_detector()
+    gen = det.generator.eval()
+    x = blobs(3)
+    with torch.no_grad():
+        healthy, t, m = gen(x)
+    assert healthy.shape == t.shape == x.shape and m.shape == (3, 1, 32, 32)
+    assert float(m.min()) >= 0 and float(m.max()) <= 1 and float(t.abs().max()) <= 1
+    torch.testing.assert_close(healthy, m * t + (1 - m) * x)
+    assert not any(isinstance(mod, torch.nn.ConvTranspose2d) for mod in gen.modules())
+
+
+def test_lite0_encoder_stays_frozen_while_the_decoder_trains():
+    det = lite0_detector(ema_decay=0.0)
+    encoder_before = {k: v.clone() for k, v in det.generator.encoder.state_dict().items()}
+    decoder_before = det.generator.head.weight.clone()
+    det.fit(blobs(8, seed=1), blobs(8, seed=2), progress=False)
+    for k, v in det.generator.encoder.state_dict().items():  # weights and BatchNorm statistics alike
+        torch.testing.assert_close(v, encoder_before[k], rtol=0, atol=0)
+    assert not torch.equal(det.generator.head.weight, decoder_before)
+    assert all(p.grad is None for p in det.generator.encoder.parameters())  # run forward only, never differentiated
+
+
+def test_lite0_save_load_gives_identical_scores(tmp_path):
+    det = lite0_detector().fit(blobs(8, seed=1), blobs(8, seed=2), progress=False)
+    x = blobs(5, seed=9)
+    s1, m1 = det.score(x)
+    det.save(tmp_path / "model")
+    torch.manual_seed(321)
+    s2, m2 = Detector.load(tmp_path / "model").score(x)
+    np.testing.assert_array_equal(s1, s2)
+    np.testing.assert_array_equal(m1, m2)
