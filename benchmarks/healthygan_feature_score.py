@@ -27,8 +27,8 @@ from safetensors.torch import load_file
 from sklearn.metrics import roc_auc_score
 
 from scanomaly.data import load_images
-from scanomaly.detector import Detector
-from scanomaly.methods.healthygan import HealthyGAN, get_method
+from scanomaly.detector import Detector, get_method
+from scanomaly.methods.healthygan import HealthyGAN
 from scanomaly.methods import _patch_features as pf
 from scanomaly.methods.healthygan import paper_score
 from scanomaly.splits import read_split_manifest
@@ -69,7 +69,8 @@ def distances(sigma: float) -> dict[str, pf.FeatureDistance | None]:
 
 @torch.no_grad()
 def val_aurocs(generator, x: torch.Tensor, y: np.ndarray, dists) -> dict[str, float]:
-    generator.eval()
+    if isinstance(generator, torch.nn.Module):
+        generator.eval()
     healthy = torch.cat([generator(x[i : i + 64])[0] for i in range(0, len(x), 64)])
     out = {}
     for name, d in dists.items():
@@ -86,9 +87,11 @@ def main() -> None:
     ap.add_argument("run", type=Path)
     ap.add_argument("--extra-abnormal", type=int, default=0)
     ap.add_argument("--snapshots", action="store_true")
+    ap.add_argument("--step", type=int, action="append", help="with --snapshots: only these steps")
     ap.add_argument("--profile", default="cpu", help="the run's profile, for a run still training (no model yet)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config of a run still training")
     ap.add_argument("--reference", action="store_true")
+    ap.add_argument("--controls", action="store_true", help="also score an untrained generator and a blur (no translation)")
     ap.add_argument("--sigma", type=float, default=4.0, help="blur of the feature map, in pixels of the image")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -115,11 +118,22 @@ def main() -> None:
         results["snapshots"] = {}
         print("step", " | ".join(dists))
         for snap in sorted(args.run.rglob("snapshots/step_*.safetensors")):
+            if args.step and int(snap.stem.split("_")[1]) not in args.step:
+                continue
             state = load_file(str(snap))
             det.scoring_generator.load_state_dict({k[len("generator."):]: v for k, v in state.items() if k.startswith("generator.")})
             r = val_aurocs(det.scoring_generator, x, y, dists)
             results["snapshots"][snap.stem] = r
             print(snap.stem, " ".join(f"{v:.3f}" for v in r.values()), flush=True)
+    if args.controls:
+        # what the score gives without a trained translation: the untrained generator of the same
+        # seed, and a 3x3 box blur standing in for healthy(x)
+        untrained = HealthyGAN(det.config, det.preprocessing).generator
+        results["untrained generator"] = val_aurocs(untrained, x, y, dists)
+        blur = lambda z: (torch.nn.functional.avg_pool2d(z, 3, 1, 1, count_include_pad=False), None, None)  # noqa: E731
+        results["blur instead of healthy(x)"] = val_aurocs(blur, x, y, dists)
+        for name in ("untrained generator", "blur instead of healthy(x)"):
+            print(name, " ".join(f"{v:.3f}" for v in results[name].values()), flush=True)
     if args.reference:
         for method in ("padim", "patchcore"):
             ref = get_method(method).from_profile("cpu")

@@ -10,7 +10,8 @@ over the validation images:
 - the correlation of neighbouring columns' M (stripes alternating 0 / 1: near −1; coherent masks: near +1);
 - the mean size, in pixels, of the connected regions of M > 0.5 (8-connectivity), and their count per image;
 - on data with lesion masks (lgg_flair): the pixel AUROC of M, and of |x − healthy(x)|, against the
-  lesion masks inside the head (`localization.pixel_auroc` with its foreground region).
+  lesion masks inside the head (`localization.pixel_auroc` with its foreground region);
+- whether the pattern is tied to pixel positions rather than to the scan (`positional_stats`).
 """
 
 from __future__ import annotations
@@ -73,10 +74,39 @@ def masks_of(generator, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return masks, (x - healthy).abs().mean(1).numpy()
 
 
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel(), b.ravel()
+    return float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
+
+
+def positional_stats(generator, x: torch.Tensor, masks: np.ndarray) -> dict[str, float]:
+    """Is the mask's pattern tied to the scan or to pixel positions?
+    - shared pattern: the share of the masks' variance that the mean mask over images explains
+      (a pattern drawn at fixed positions, whatever the scan: near 1);
+    - period-2 power: the share of each row's (mean-removed) spectral power at the Nyquist frequency
+      (alternating columns: near 1);
+    - shift test: the scans shifted right by one column; the correlation of the new masks with the
+      old masks shifted alike (the pattern follows the content) and with the old masks in place
+      (the pattern stays at its pixel positions)."""
+    mean_mask = masks.mean(0, keepdims=True)
+    total = masks.var() + 1e-12
+    rows = masks - masks.mean(2, keepdims=True)
+    power = np.abs(np.fft.rfft(rows, axis=2)) ** 2
+    shifted, _ = masks_of(generator, torch.roll(x, 1, dims=-1))
+    inner = (slice(None), slice(None), slice(2, -2))
+    return {
+        "shared pattern": float(np.broadcast_to(mean_mask, masks.shape).var() / total),
+        "period-2 power": float(power[..., -1].sum() / (power[..., 1:].sum() + 1e-12)),
+        "shift: follows content": _corr(shifted[:, :, 3:-1], masks[:, :, 2:-2]),
+        "shift: stays in place": _corr(shifted[inner], masks[inner]),
+    }
+
+
 def report(name, generator, val) -> dict:
     x = torch.as_tensor(val.images)
     masks, diffs = masks_of(generator, x)
     stats = mask_stats(masks)
+    stats.update(positional_stats(generator, x, masks))
     if val.masks is not None and bool(val.masks.any()):
         lesions = val.masks.numpy().astype(bool)
         head = foreground_mask(val.images)
