@@ -1,7 +1,7 @@
 """HealthyGAN: the paper's pixel score against feature-space scores of the same trained model, on
 VALIDATION data only (held-out healthy vs validation abnormals; never the test split).
 
-    python benchmarks/healthygan_feature_score.py RUN [--extra-abnormal 500] [--snapshots] [--reference]
+    python benchmarks/healthygan_feature_score.py RUN [--snapshots [--step N]] [--reference] [--controls] [--set KEY=VALUE]
 
 RUN is a `scanomaly train healthygan --from-labeled ...` folder. For its saved model (and, with
 --snapshots, for the EMA weights of every checkpoint kept with keep_snapshots=true) this prints the
@@ -10,7 +10,9 @@ mean / max pooling): how much of the gap to PatchCore is the score and how much 
 `--extra-abnormal N` adds N seeded abnormal images of the train cohort that the split left unused
 (role `unused`) to the validation abnormals, for a less noisy comparison (the normals stay the
 held-out healthy ones). `--reference` also fits PaDiM and PatchCore (cpu profiles) on the run's
-healthy set and scores the same validation images.
+healthy set and scores the same validation images. `--controls` scores the same variants with healthy(x)
+replaced by the run's generator at its random initialisation and by a 3x3 blur of x: what the scores give
+without a learned translation.
 """
 
 from __future__ import annotations

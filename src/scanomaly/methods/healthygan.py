@@ -13,6 +13,8 @@ unlabeled set A and a known-healthy set B; the anomaly is what had to change.
             (option score="features": the cosine distance between frozen ImageNet features of x and of
             healthy(x), per position over two or three backbone stages, upsampled and blurred as in
             PaDiM / PatchCore; its mean (or max) is the score, the map is the heatmap)
+    option generator="lite0": a frozen EfficientNet-Lite0 encoder under a light upsample + conv decoder
+            (nn/pretrained_translator.py) in place of the StarGAN generator; same heads, blend and losses
 
 What differs from the official code, and why (measured in BENCHMARKS.md): the learning rate really
 decays linearly to 0 over the last quarter (the official decrement is ~1e-9 per step, i.e. none);
