@@ -289,7 +289,8 @@ def load_module_state(modules: dict[str, torch.nn.Module], tensors: dict[str, to
 class ReconstructionDetector(Detector):
     """A method that scores a scan against a normal-looking version of it (every GAN method here).
 
-    Subclasses give `scoring_network()` (the score is one forward pass: exportable to ONNX) or,
+    Subclasses give `scoring_network()` (the score is one forward pass: exportable to ONNX; it returns
+    (reconstruction, scores) or (reconstruction, scores, heatmap)) or,
     when it is not (AnoGAN's latent search), override `_reconstruct_and_score(x)` for one batch
     already on the device. Batching, the heatmap |x − reconstruction| and `reconstruct` are
     written once, here.
@@ -322,8 +323,11 @@ class ReconstructionDetector(Detector):
         x_all = as_tensor(images)
         for i in range(0, len(x_all), batch_size):
             x = x_all[i : i + batch_size].to(self.device, non_blocking=True)  # async from pinned memory on a GPU
-            reconstruction, scores = self._reconstruct_and_score(x)
-            yield x, reconstruction.detach().float(), scores.detach()
+            reconstruction, scores, *heatmap = self._reconstruct_and_score(x)
+            reconstruction = reconstruction.detach().float()
+            # a scoring network may give its own heatmap as a third output (HealthyGAN's feature score)
+            heatmap = heatmap[0].detach().float() if heatmap else anomaly_map(x, reconstruction)
+            yield heatmap, reconstruction, scores.detach()
 
     def score(self, images, batch_size: int = 64):
         scores, maps, _ = self._collect(images, batch_size, keep_reconstructions=False)
@@ -337,9 +341,9 @@ class ReconstructionDetector(Detector):
 
     def _collect(self, images, batch_size: int, keep_reconstructions: bool):
         scores, maps, reconstructions = [], [], []
-        for x, reconstruction, s in self._batches(images, batch_size):
+        for heatmap, reconstruction, s in self._batches(images, batch_size):
             scores.append(s.cpu())
-            maps.append(anomaly_map(x, reconstruction).cpu())
+            maps.append(heatmap.cpu())
             if keep_reconstructions:
                 reconstructions.append(reconstruction.cpu())
         if not scores:

@@ -4,7 +4,9 @@
   (with autocast for bf16 / 16-mixed);
 - turning per-position scores into an anomaly map at the input resolution: bilinear upsampling,
   then a Gaussian blur with sigma = 4 (both papers), written as two 1-D convolutions;
-- saving / restoring a randomly initialised backbone (pretrained ones are reloaded from their source).
+- saving / restoring a randomly initialised backbone (pretrained ones are reloaded from their source);
+- `FeatureDistance`: the per-position distance between the features of two images (HealthyGAN's
+  `features` score of a scan against its healthy translation).
 """
 
 from __future__ import annotations
@@ -112,3 +114,37 @@ def load_backbone_state(extractor: FeatureExtractor, weights, tensors: dict[str,
         if not sd:
             raise ScanomalyError("the saved model uses a random backbone but holds no backbone weights")
         extractor.net.load_state_dict(sd, strict=True)
+
+
+# ------------------------------------------------------------------------------------------
+# feature-space discrepancy between an image and a version of it (HealthyGAN's `features` score)
+# ------------------------------------------------------------------------------------------
+class FeatureDistance(torch.nn.Module):
+    """How differently a frozen backbone sees `x` and `y`, position by position.
+
+    Per stage, the cosine distance of the two feature vectors at each position, written as
+    ½·|f_x/|f_x| − f_y/|f_y||² (= 1 − cos, in [0, 2], exactly 0 where the features are equal);
+    the per-stage grids are upsampled to the image size (bilinear), averaged over stages and
+    blurred (sigma in image pixels): the anomaly map. The score is the map's mean (`pool="mean"`)
+    or maximum (`pool="max"`). Images may be enlarged to `input_size` before the backbone (ImageNet
+    features see little in a 64 px image). One forward pass with fixed shapes: it traces to ONNX.
+    """
+
+    def __init__(self, extractor: FeatureExtractor, sigma: float = 4.0, input_size: int = 0, pool: str = "mean"):
+        super().__init__()
+        if pool not in ("mean", "max"):
+            raise ScanomalyError(f"feature score pooling must be 'mean' or 'max', got {pool!r}")
+        self.extractor, self.sigma, self.input_size, self.pool = extractor, sigma, input_size, pool
+
+    def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.input_size and self.input_size != x.shape[-1]:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        return [F.normalize(f.float(), dim=1, eps=1e-6) for f in self.extractor(self.extractor.prepare(x))]
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """([N] scores, [N, S, S] anomaly map) for images x and y of shape [N, C, S, S]."""
+        grids = [0.5 * (fx - fy).pow(2).sum(1) for fx, fy in zip(self._features(x), self._features(y))]
+        # upsampling and blurring are linear: the blurred mean of the stages is the mean of their maps
+        maps = torch.stack([to_anomaly_map(g, x.shape[-1], self.sigma) for g in grids]).mean(0)
+        scores = maps.flatten(1).amax(1) if self.pool == "max" else maps.flatten(1).mean(1)
+        return scores, maps

@@ -10,6 +10,11 @@ unlabeled set A and a known-healthy set B; the anomaly is what had to change.
                                                                  replaces CycleGAN's cycle consistency)
         mask          (mean M)² + mean 1/(|M−0.5|+0.01) − 1/0.51 (small masks, near 0 or 1)
     score:  mean |x − healthy(x)| / 2;  heatmap |x − healthy(x)|
+            (option score="features": the cosine distance between frozen ImageNet features of x and of
+            healthy(x), per position over two or three backbone stages, upsampled and blurred as in
+            PaDiM / PatchCore; its mean (or max) is the score, the map is the heatmap)
+    option generator="lite0": a frozen EfficientNet-Lite0 encoder under a light upsample + conv decoder
+            (nn/pretrained_translator.py) in place of the StarGAN generator; same heads, blend and losses
 
 What differs from the official code, and why (measured in BENCHMARKS.md): the learning rate really
 decays linearly to 0 over the last quarter (the official decrement is ~1e-9 per step, i.e. none);
@@ -35,7 +40,9 @@ from sklearn.metrics import roc_auc_score
 from ..detector import anomaly_map, as_tensor, register
 from ..errors import ScanomalyError
 from ..nn.blocks import ResidualBlock, gradient_penalty, num_halvings
+from ..nn.pretrained_translator import ENCODER_STAGES, PretrainedMaskedTranslator
 from ..training.loop import GANTask, LoopConfig, Phase
+from . import _patch_features as pf
 from ._gan import GANDetector
 
 
@@ -119,16 +126,21 @@ def paper_score(x: torch.Tensor, healthy: torch.Tensor) -> torch.Tensor:
 
 
 class HealthyScorer(nn.Module):
-    """Scoring as one forward pass: x -> (healthy(x), paper score). What the detector scores with
-    (and AUCp during training), and what `scanomaly export` writes to ONNX."""
+    """Scoring as one forward pass: x -> (healthy(x), paper score), or with a feature distance
+    x -> (healthy(x), feature score, feature heatmap). What the detector scores with (and AUCp
+    during training), and what `scanomaly export` writes to ONNX (backbone included)."""
 
-    def __init__(self, generator: MaskedTranslator):
+    def __init__(self, generator: MaskedTranslator, feature_distance: pf.FeatureDistance | None = None):
         super().__init__()
         self.generator = generator
+        self.feature_distance = feature_distance
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         healthy = self.generator(x)[0].float()  # float: under bf16 autocast the score is still float32
-        return healthy, paper_score(x, healthy)
+        if self.feature_distance is None:
+            return healthy, paper_score(x, healthy)
+        scores, heatmap = self.feature_distance(x, healthy)
+        return healthy, scores.float(), heatmap.float()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,6 +216,19 @@ class HealthyGANConfig(LoopConfig):
     selection: str = "aucp"  # "aucp": keep the checkpoint with the best pseudo-AUC; "last": the final one
     holdout_fraction: float = 0.1  # of B (when no holdout set is given) and of A, held out of training for AUCp
     aucp_pool: int = 256  # at most this many held-out unlabeled images are scored for AUCp
+    # the anomaly score: "pixel" (the paper's mean |x − healthy(x)|) or "features" (FeatureDistance
+    # of x and healthy(x) on a frozen backbone: ImageNet weights from the `pretrained` extra)
+    score: str = "pixel"
+    score_backbone: str = "efficientnet_lite0"
+    score_backbone_weights: str | None = "imagenet"
+    score_stages: tuple = ("stage2", "stage3")
+    score_input_size: int = 0  # images are enlarged to this size before the backbone (0: as they are)
+    score_sigma: float = 4.0  # Gaussian blur of the feature map, in pixels of the image
+    score_pool: str = "mean"  # the image score: "mean" or "max" of the feature map
+    # the generator: "stargan" (the paper's) or "lite0" (frozen EfficientNet-Lite0 encoder, light
+    # upsample + conv decoder: nn/pretrained_translator.py); width and residual_blocks size its decoder
+    generator: str = "stargan"
+    encoder_weights: str | None = "imagenet"
     # the rest of the loop's settings (batch_size 16, lr_decay_fraction 0.25, ema_decay 0.999: the EMA generator
     # scores, hflip, seed, keep_snapshots) keep LoopConfig's defaults
 
@@ -276,14 +301,29 @@ class HealthyGAN(GANDetector):
         c, p = self.config, self.preprocessing
         if c.selection not in ("aucp", "last"):
             raise ScanomalyError(f"selection must be 'aucp' or 'last', got {c.selection!r}")
+        if c.score not in ("pixel", "features"):
+            raise ScanomalyError(f"score must be 'pixel' or 'features', got {c.score!r}")
         torch.manual_seed(c.seed)  # the initial weights are part of the seeded run
-        self.generator = MaskedTranslator(p.channels, c.width, c.residual_blocks).to(self.device)
+        if c.generator == "stargan":
+            self.generator = MaskedTranslator(p.channels, c.width, c.residual_blocks)
+        elif c.generator == "lite0":
+            encoder = pf.build_extractor("efficientnet_lite0", c.encoder_weights, ENCODER_STAGES, torch.device("cpu"))
+            self.generator = PretrainedMaskedTranslator(encoder, p.channels, c.width, c.residual_blocks)
+        else:
+            raise ScanomalyError(f"generator must be 'stargan' or 'lite0', got {c.generator!r}")
+        self.generator = self.generator.to(self.device)
         self.critic = PatchCritic(p.channels, p.image_size, c.critic_width, c.critic_max_width).to(self.device)
+        self.feature_distance = self._feature_distance() if c.score == "features" else None
 
     @property
     def scoring_generator(self) -> MaskedTranslator:
         """The generator that scores: the EMA copy, with AUCp's chosen weights, after fit; the own one before."""
         return self.scoring["generator"]
+
+    def _feature_distance(self) -> pf.FeatureDistance:
+        c = self.config
+        extractor = pf.build_extractor(c.score_backbone, c.score_backbone_weights, c.score_stages, self.device)
+        return pf.FeatureDistance(extractor, c.score_sigma, c.score_input_size, c.score_pool)
 
     # -- fit ---------------------------------------------------------------------------------
     def fit(self, healthy, unlabeled=None, *, holdout=None, work_dir=None, progress=True):
@@ -327,14 +367,26 @@ class HealthyGAN(GANDetector):
 
     # -- score ----------------------------------------------------------------------------------
     def _scores_with(self, generator, images, batch_size=64) -> np.ndarray:
-        scorer = HealthyScorer(generator)
+        scorer = HealthyScorer(generator, self.feature_distance)
         out = [self._run_scoring(scorer, images[i : i + batch_size])[1].cpu() for i in range(0, len(images), batch_size)]
         return torch.cat(out).numpy()
 
     def scoring_network(self) -> HealthyScorer:
-        return HealthyScorer(self.scoring_generator)
+        return HealthyScorer(self.scoring_generator, self.feature_distance)
 
-    # -- persistence (GANDetector): the scoring generator is the model; the critic is only needed to train
+    # -- persistence (GANDetector): the scoring generator is the model; the critic is only needed to train.
+    # A pretrained scoring backbone is reloaded from its package; a random one is saved with the model.
+    def state_tensors(self):
+        tensors = super().state_tensors()
+        if self.feature_distance is not None:
+            tensors.update(pf.backbone_state(self.feature_distance.extractor, self.config.score_backbone_weights))
+        return tensors
+
+    def load_state_tensors(self, tensors):
+        super().load_state_tensors(tensors)
+        if self.feature_distance is not None:
+            pf.load_backbone_state(self.feature_distance.extractor, self.config.score_backbone_weights, tensors)
+
     def extra_state(self):
         r = self.train_result
         if r is None:

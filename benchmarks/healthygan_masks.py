@@ -1,0 +1,142 @@
+"""HealthyGAN: what the attention masks M look like, on VALIDATION images (never the test split).
+
+    python benchmarks/healthygan_masks.py RUN [RUN ...] [--snapshots]
+
+For each run's saved model (with --snapshots: the EMA weights of each kept checkpoint) this prints,
+over the validation images:
+- mean M, and the share of pixels with M < 0.1 or M > 0.9 (binary-ness);
+- total variation along rows (|M[i, j+1] − M[i, j]|) and along columns (|M[i+1, j] − M[i, j]|):
+  vertical stripes, column by column, show as a row TV far above the column TV;
+- the correlation of neighbouring columns' M (stripes alternating 0 / 1: near −1; coherent masks: near +1);
+- the mean size, in pixels, of the connected regions of M > 0.5 (8-connectivity), and their count per image;
+- on data with lesion masks (lgg_flair): the pixel AUROC of M, and of |x − healthy(x)|, against the
+  lesion masks inside the head (`localization.pixel_auroc` with its foreground region);
+- whether the pattern is tied to pixel positions rather than to the scan (`positional_stats`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from scipy import ndimage
+
+from scanomaly.data import load_images
+from scanomaly.detector import Detector
+from scanomaly.methods.healthygan import HealthyGAN
+from scanomaly.localization import foreground_mask, pixel_auroc
+from scanomaly.splits import read_split_manifest
+
+
+def overrides(pairs: list[str]) -> dict:
+    """--set KEY=VALUE pairs (values read as JSON where they parse, else as strings)."""
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def mask_stats(masks: np.ndarray) -> dict[str, float]:
+    """masks [N, S, S] in [0, 1]."""
+    binary = masks > 0.5
+    sizes, counts = [], []
+    for b in binary:
+        labels, n = ndimage.label(b, structure=np.ones((3, 3)))
+        counts.append(n)
+        if n:
+            sizes += list(np.bincount(labels.ravel())[1:])
+    a, b = masks[:, :, 1:].ravel(), masks[:, :, :-1].ravel()
+    return {
+        "mean M": float(masks.mean()),
+        "binary share": float(((masks < 0.1) | (masks > 0.9)).mean()),
+        "TV rows": float(np.abs(np.diff(masks, axis=2)).mean()),
+        "TV cols": float(np.abs(np.diff(masks, axis=1)).mean()),
+        "neighbour-column corr": float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan"),
+        "region size px": float(np.mean(sizes)) if sizes else 0.0,
+        "regions / image": float(np.mean(counts)),
+    }
+
+
+@torch.no_grad()
+def masks_of(generator, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    generator.eval()
+    outs = [generator(x[i : i + 64]) for i in range(0, len(x), 64)]
+    healthy = torch.cat([o[0] for o in outs])
+    masks = torch.cat([o[2] for o in outs])[:, 0].numpy()
+    return masks, (x - healthy).abs().mean(1).numpy()
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel(), b.ravel()
+    return float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
+
+
+def positional_stats(generator, x: torch.Tensor, masks: np.ndarray) -> dict[str, float]:
+    """Is the mask's pattern tied to the scan or to pixel positions?
+    - shared pattern: the share of the masks' variance that the mean mask over images explains
+      (a pattern drawn at fixed positions, whatever the scan: near 1);
+    - period-2 power: the share of each row's (mean-removed) spectral power at the Nyquist frequency
+      (alternating columns: near 1);
+    - shift test: the scans shifted right by one column; the correlation of the new masks with the
+      old masks shifted alike (the pattern follows the content) and with the old masks in place
+      (the pattern stays at its pixel positions)."""
+    mean_mask = masks.mean(0, keepdims=True)
+    total = masks.var() + 1e-12
+    rows = masks - masks.mean(2, keepdims=True)
+    power = np.abs(np.fft.rfft(rows, axis=2)) ** 2
+    shifted, _ = masks_of(generator, torch.roll(x, 1, dims=-1))
+    inner = (slice(None), slice(None), slice(2, -2))
+    return {
+        "shared pattern": float(np.broadcast_to(mean_mask, masks.shape).var() / total),
+        "period-2 power": float(power[..., -1].sum() / (power[..., 1:].sum() + 1e-12)),
+        "shift: follows content": _corr(shifted[:, :, 3:-1], masks[:, :, 2:-2]),
+        "shift: stays in place": _corr(shifted[inner], masks[inner]),
+    }
+
+
+def report(name, generator, val) -> dict:
+    x = torch.as_tensor(val.images)
+    masks, diffs = masks_of(generator, x)
+    stats = mask_stats(masks)
+    stats.update(positional_stats(generator, x, masks))
+    if val.masks is not None and bool(val.masks.any()):
+        lesions = val.masks.numpy().astype(bool)
+        head = foreground_mask(val.images)
+        stats["pixel AUROC of M (head)"] = pixel_auroc(masks, lesions, head)
+        stats["pixel AUROC of |x-h| (head)"] = pixel_auroc(diffs, lesions, head)
+    print(name, "  ".join(f"{k} {v:.3f}" for k, v in stats.items()), flush=True)
+    return stats
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", type=Path, nargs="+")
+    ap.add_argument("--snapshots", action="store_true")
+    ap.add_argument("--profile", default="cpu", help="the runs' profile, for runs still training (no model yet)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config of runs still training")
+    args = ap.parse_args()
+    for run in args.runs:
+        split = read_split_manifest(run / "split.csv")
+        # a run still training has no model yet: its snapshots are read into the profile's networks
+        det = Detector.load(run / "model") if (run / "model").is_dir() else HealthyGAN.from_profile(args.profile, overrides(args.set))
+        snaps = sorted(run.rglob("snapshots/step_*.safetensors"))
+        val = load_images(split.val, det.preprocessing, progress=False)
+        if args.snapshots:
+            for snap in snaps:
+                state = load_file(str(snap))
+                det.scoring_generator.load_state_dict({k[len("generator."):]: v for k, v in state.items() if k.startswith("generator.")})
+                report(f"{run.name} {snap.stem}", det.scoring_generator, val)
+        else:
+            report(f"{run.name} model", det.scoring_generator, val)
+
+
+if __name__ == "__main__":
+    main()
