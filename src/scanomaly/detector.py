@@ -133,8 +133,9 @@ class Detector(abc.ABC):
 
     def scoring_network(self) -> torch.nn.Module:
         """The whole scoring computation as one module: x [N, C, S, S] in [-1, 1] ->
-        (reconstruction [N, C, S, S], scores [N]). A method that has one scores through it, so what
-        `scanomaly export` writes to ONNX is exactly what `score` computes."""
+        (reconstruction [N, C, S, S], scores [N]), or (reconstruction, scores, heatmap [N, S, S]) for a
+        method whose heatmap is not |x − reconstruction| (DDAD's discrepancy maps). A method that has one
+        scores through it, so what `scanomaly export` writes to ONNX is exactly what `score` computes."""
         raise ScanomalyError(f"{self.name} cannot be exported to ONNX: {self.not_exportable_because}")
 
     # -- the verbs ------------------------------------------------------------------------
@@ -272,8 +273,8 @@ class ReconstructionDetector(Detector):
 
     Subclasses give `scoring_network()` (the score is one forward pass: exportable to ONNX) or,
     when it is not (AnoGAN's latent search), override `_reconstruct_and_score(x)` for one batch
-    already on the device. Batching, the heatmap |x − reconstruction| and `reconstruct` are
-    written once, here.
+    already on the device. Batching, the heatmap |x − reconstruction| (unless the network gives its
+    own) and `reconstruct` are written once, here.
     """
 
     _compiled_network: torch.nn.Module | None = None
@@ -288,8 +289,8 @@ class ReconstructionDetector(Detector):
         self._compiled_network = torch.compile(network)
         return self
 
-    def _reconstruct_and_score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """([N, C, S, S] reconstruction, [N] scores) of a batch."""
+    def _reconstruct_and_score(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """([N, C, S, S] reconstruction, [N] scores[, [N, S, S] heatmap]) of a batch."""
         network = self._compiled_network if self._compiled_network is not None else self.scoring_network()
         return self._run_scoring(network, x)
 
@@ -306,8 +307,10 @@ class ReconstructionDetector(Detector):
         x_all = as_tensor(images)
         for i in range(0, len(x_all), batch_size):
             x = x_all[i : i + batch_size].to(self.device, non_blocking=True)  # async from pinned memory on a GPU
-            reconstruction, scores = self._reconstruct_and_score(x)
-            yield x, reconstruction.detach().float(), scores.detach()
+            reconstruction, scores, *heatmap = self._reconstruct_and_score(x)
+            reconstruction = reconstruction.detach().float()
+            heatmap = heatmap[0].detach().float() if heatmap else anomaly_map(x, reconstruction)
+            yield reconstruction, scores.detach(), heatmap
 
     def score(self, images, batch_size: int = 64):
         scores, maps, _ = self._collect(images, batch_size, keep_reconstructions=False)
@@ -321,9 +324,9 @@ class ReconstructionDetector(Detector):
 
     def _collect(self, images, batch_size: int, keep_reconstructions: bool):
         scores, maps, reconstructions = [], [], []
-        for x, reconstruction, s in self._batches(images, batch_size):
+        for reconstruction, s, heatmap in self._batches(images, batch_size):
             scores.append(s.cpu())
-            maps.append(anomaly_map(x, reconstruction).cpu())
+            maps.append(heatmap.cpu())
             if keep_reconstructions:
                 reconstructions.append(reconstruction.cpu())
         if not scores:

@@ -8,14 +8,14 @@ runs) plus the heatmap, so an exported model computes what `Detector.score` / `r
 
     input   image           [N, C, S, S] float32, preprocessed, in [-1, 1]
     outputs score           [N]           higher = more anomalous (float64 for ALOCC, else float32)
-            heatmap         [N, S, S]     |x − reconstruction| averaged over channels
+            heatmap         [N, S, S]     |x − reconstruction| averaged over channels (DDAD: its discrepancy map)
             reconstruction  [N, C, S, S]  the healthy translation / reconstruction, in [-1, 1]
 
 N is a dynamic axis. The file carries what is needed to prepare images: `metadata_props["scanomaly"]`
 is JSON with the method, its config, the preprocessing and the scanomaly version, and `OnnxScorer`
 reads new images with that preprocessing.
 
-HealthyGAN, f-AnoGAN, GANomaly, ALAD and ALOCC export. AnoGAN (a latent search per image) and
+HealthyGAN, f-AnoGAN, GANomaly, ALAD, ALOCC and DDAD export. AnoGAN (a latent search per image) and
 PaDiM / PatchCore (statistics and memory banks next to a backbone) do not: `export_onnx` raises a
 ScanomalyError that says why.
 
@@ -66,15 +66,16 @@ def _require(module: str):
 
 class ScoringGraph(nn.Module):
     """What the ONNX file computes: a scoring network's (reconstruction, score) plus the heatmap,
-    made with the same `anomaly_map` as `ReconstructionDetector.score`."""
+    made with the same `anomaly_map` as `ReconstructionDetector.score`, or the network's own heatmap
+    where it gives one (DDAD)."""
 
     def __init__(self, scoring_network: nn.Module):
         super().__init__()
         self.scoring_network = scoring_network
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        reconstruction, scores = self.scoring_network(x)
-        return scores, anomaly_map(x, reconstruction), reconstruction
+        reconstruction, scores, *heatmap = self.scoring_network(x)
+        return scores, heatmap[0] if heatmap else anomaly_map(x, reconstruction), reconstruction
 
 
 def _frozen_copy(network: nn.Module) -> nn.Module:

@@ -4,7 +4,7 @@ import importlib
 
 # one module per method; a module whose optional dependency is missing still registers,
 # and raises a clear error only when used
-for _module in ("healthygan", "anogan", "fanogan", "ganomaly", "alad", "alocc", "padim", "patchcore"):
+for _module in ("healthygan", "anogan", "fanogan", "ganomaly", "alad", "alocc", "padim", "patchcore", "ddad"):
     try:
         importlib.import_module(f"{__name__}.{_module}")
     except ModuleNotFoundError as exc:
