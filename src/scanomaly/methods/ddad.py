@@ -89,7 +89,7 @@ class Autoencoder(nn.Module):
         num_halvings(image_size, image_size // 2**stages)  # raises unless S is 16 times a power of two
         self.channels, self.uncertainty = channels, uncertainty
         widths = [width * 2**i for i in range(stages)]
-        self.grid = image_size // 2**stages
+        self.grid, self.bottleneck = image_size // 2**stages, widths[-1]
         down, ch = [], channels
         for w in widths:
             down += [nn.Conv2d(ch, w, 3, 2, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
@@ -108,7 +108,8 @@ class Autoencoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         z = self.to_latent(self.down(x).flatten(1))
-        h = self.from_latent(z).view(len(x), -1, self.grid, self.grid)
+        # the batch axis as -1: an ONNX export keeps it dynamic
+        h = self.from_latent(z).view(-1, self.bottleneck, self.grid, self.grid)
         out = self.head(self.up(h))
         if self.uncertainty:
             return out[:, : self.channels], out[:, self.channels :]
@@ -315,13 +316,13 @@ class DDADConfig:
     lr: float = 5e-4
     betas: tuple = (0.5, 0.999)
     batch_size: int = 64
-    epochs: int = 250  # passes over B ∪ A (the UDM's set); 0: train for `iterations` instead
-    iterations: int = 0  # steps of every member when epochs is 0
+    epochs: int = 250  # passes over B ∪ A (the UDM's set), unless `iterations` is set
+    iterations: int = 0  # > 0: steps of every member (instead of `epochs`)
     refine: str = "dual"  # "dual": train the ASR refiner on [inter, intra]; "none": no second stage
     score: str = "refined"  # "intra" | "inter" | "refined": which map scores (changes nothing in training)
     refine_width: int = 128
-    refine_epochs: int = 100  # passes over B; 0: train for `refine_iterations` instead
-    refine_iterations: int = 0
+    refine_epochs: int = 100  # passes over B, unless `refine_iterations` is set
+    refine_iterations: int = 0  # > 0: steps of the refiner (instead of `refine_epochs`)
     refine_batch_size: int = 8
     refine_lr: float = 1e-4
     refine_weight_decay: float = 1e-4
@@ -352,14 +353,14 @@ class DDAD(ReconstructionDetector):
         # refiner at width 32 (the original: 128; ~0.16 s vs 1.8 s a step) takes 300 steps at batch 8
         # (~4 passes over B). Set from timings before any benchmark ran, not tuned on results.
         "cpu": {
-            "config": {"width": 8, "hidden": 512, "batch_size": 32, "epochs": 0, "iterations": 400,
-                       "refine_width": 32, "refine_epochs": 0, "refine_iterations": 300, "checkpoint_every": 100},
+            "config": {"width": 8, "hidden": 512, "batch_size": 32, "iterations": 400,
+                       "refine_width": 32, "refine_iterations": 300, "checkpoint_every": 100},
             "preprocessing": {"image_size": 64, "channels": 1},
         },
         # seconds, for tests
         "tiny": {
-            "config": {"ensemble": 2, "width": 4, "hidden": 32, "latent_size": 8, "batch_size": 4, "epochs": 0,
-                       "iterations": 12, "refine_width": 8, "refine_epochs": 0, "refine_iterations": 6,
+            "config": {"ensemble": 2, "width": 4, "hidden": 32, "latent_size": 8, "batch_size": 4,
+                       "iterations": 12, "refine_width": 8, "refine_iterations": 6,
                        "refine_batch_size": 4, "checkpoint_every": 6, "aucp_pool": 16},
             "preprocessing": {"image_size": 32, "channels": 1},
         },
@@ -412,7 +413,7 @@ class DDAD(ReconstructionDetector):
         x_ab = torch.cat([x_b, x_a])
 
         # steps 1-2: the NDM on B, the UDM on B ∪ A
-        iterations = c.iterations if c.epochs <= 0 else c.epochs * -(-len(x_ab) // c.batch_size)
+        iterations = c.iterations if c.iterations > 0 else c.epochs * -(-len(x_ab) // c.batch_size)
         trainer = GANTrainer(
             EnsembleTask(self.ndm, self.udm, c), {"b": x_b, "ab": x_ab}, self._settings(iterations, c.batch_size),
             None if work_dir is None else work_dir / "ensembles", self.device, progress,
@@ -430,7 +431,8 @@ class DDAD(ReconstructionDetector):
             evaluate = None
             if use_aucp and len(x_hold) and len(pool):
                 evaluate = lambda mods: self._aucp(mods["refiner"], x_hold, pool)  # noqa: E731
-            iterations = c.refine_iterations if c.refine_epochs <= 0 else c.refine_epochs * -(-len(x_b) // c.refine_batch_size)
+            iterations = (c.refine_iterations if c.refine_iterations > 0
+                          else c.refine_epochs * -(-len(x_b) // c.refine_batch_size))
             refine_dir = None if work_dir is None else work_dir / "refinement"
             trainer = GANTrainer(RefinementTask(self.refiner, maps, c), {"b": x_b},
                                  self._settings(iterations, c.refine_batch_size), refine_dir, self.device, progress, evaluate)
