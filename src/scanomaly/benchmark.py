@@ -38,7 +38,7 @@ from .options import check_overrides, method_overrides
 from .pipeline import ONE_CLASS_TRAIN, run_method
 from .results import run_record, summarize, write_json, write_results
 
-ALL_METHODS = ("healthygan", "anogan", "fanogan", "ganomaly", "alad", "alocc", "padim", "patchcore")
+ALL_METHODS = ("healthygan", "ddad", "anogan", "fanogan", "ganomaly", "alad", "alocc", "padim", "patchcore")
 
 # settings that change every run's results: a resumed benchmark must use the same ones. The --set
 # options are checked per run instead (`_check_run_options`): an option for one method that has not

@@ -135,8 +135,9 @@ class Detector(abc.ABC):
 
     def scoring_network(self) -> torch.nn.Module:
         """The whole scoring computation as one module: x [N, C, S, S] in [-1, 1] ->
-        (reconstruction [N, C, S, S], scores [N]). A method that has one scores through it, so what
-        `scanomaly export` writes to ONNX is exactly what `score` computes."""
+        (reconstruction [N, C, S, S], scores [N]), or (reconstruction, scores, heatmap [N, S, S]) for a
+        method whose heatmap is not |x − reconstruction| (DDAD's discrepancy maps). A method that has one
+        scores through it, so what `scanomaly export` writes to ONNX is exactly what `score` computes."""
         raise ScanomalyError(f"{self.name} cannot be exported to ONNX: {self.not_exportable_because}")
 
     # -- the verbs ------------------------------------------------------------------------
@@ -292,8 +293,8 @@ class ReconstructionDetector(Detector):
     Subclasses give `scoring_network()` (the score is one forward pass: exportable to ONNX; it returns
     (reconstruction, scores) or (reconstruction, scores, heatmap)) or,
     when it is not (AnoGAN's latent search), override `_reconstruct_and_score(x)` for one batch
-    already on the device. Batching, the heatmap |x − reconstruction| and `reconstruct` are
-    written once, here.
+    already on the device. Batching, the heatmap |x − reconstruction| (unless the network gives its
+    own) and `reconstruct` are written once, here.
     """
 
     _compiled_network: torch.nn.Module | None = None
@@ -308,8 +309,8 @@ class ReconstructionDetector(Detector):
         self._compiled_network = torch.compile(network)
         return self
 
-    def _reconstruct_and_score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """([N, C, S, S] reconstruction, [N] scores) of a batch."""
+    def _reconstruct_and_score(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """([N, C, S, S] reconstruction, [N] scores[, [N, S, S] heatmap]) of a batch."""
         network = self._compiled_network if self._compiled_network is not None else self.scoring_network()
         return self._run_scoring(network, x)
 

@@ -9,14 +9,14 @@ runs) plus the heatmap, so an exported model computes what `Detector.score` / `r
     input   image           [N, C, S, S] float32, preprocessed, in [-1, 1]
     outputs score           [N]           higher = more anomalous (float64 for ALOCC, else float32)
             heatmap         [N, S, S]     |x − reconstruction| averaged over channels (HealthyGAN
-                                          with score=features: its feature-distance map)
+                                          with score=features: its feature-distance map; DDAD: its discrepancy map)
             reconstruction  [N, C, S, S]  the healthy translation / reconstruction, in [-1, 1]
 
 N is a dynamic axis. The file carries what is needed to prepare images: `metadata_props["scanomaly"]`
 is JSON with the method, its config, the preprocessing and the scanomaly version, and `OnnxScorer`
 reads new images with that preprocessing.
 
-HealthyGAN, f-AnoGAN, GANomaly, ALAD and ALOCC export. AnoGAN (a latent search per image) and
+HealthyGAN, f-AnoGAN, GANomaly, ALAD, ALOCC and DDAD export. AnoGAN (a latent search per image) and
 PaDiM / PatchCore (statistics and memory banks next to a backbone) do not: `export_onnx` raises a
 ScanomalyError that says why.
 
@@ -69,7 +69,7 @@ def _require(module: str):
 class ScoringGraph(nn.Module):
     """What the ONNX file computes: a scoring network's (reconstruction, score) plus the heatmap,
     made with the same `anomaly_map` as `ReconstructionDetector.score` (or the network's own, when
-    it gives one as a third output)."""
+    it gives one as a third output: HealthyGAN's feature score, DDAD)."""
 
     def __init__(self, scoring_network: nn.Module):
         super().__init__()
