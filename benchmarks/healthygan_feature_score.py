@@ -33,19 +33,10 @@ from scanomaly.detector import Detector, get_method
 from scanomaly.methods.healthygan import HealthyGAN
 from scanomaly.methods import _patch_features as pf
 from scanomaly.methods.healthygan import paper_score
+from scanomaly.options import parse_set
 from scanomaly.splits import read_split_manifest
 
 
-def overrides(pairs: list[str]) -> dict:
-    """--set KEY=VALUE pairs (values read as JSON where they parse, else as strings)."""
-    out = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 VARIANTS = {  # name -> FeatureDistance settings (stages, input size, pool)
     "features s2+s3 @64 mean": (("stage2", "stage3"), 0, "mean"),
@@ -100,7 +91,7 @@ def main() -> None:
     split = read_split_manifest(args.run / "split.csv")
     # a run still training has no model yet: its snapshots are read into the profile's networks
     model = args.run / "model"
-    det = Detector.load(model) if model.is_dir() else HealthyGAN.from_profile(args.profile, overrides(args.set))
+    det = Detector.load(model) if model.is_dir() else HealthyGAN.from_profile(args.profile, parse_set(args.set))
     records = list(split.val)
     extra = [r for r in split.unused if r.label == 1]
     random.Random(0).shuffle(extra)

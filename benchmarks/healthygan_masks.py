@@ -17,7 +17,6 @@ over the validation images:
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -29,19 +28,10 @@ from scanomaly.data import load_images
 from scanomaly.detector import Detector
 from scanomaly.methods.healthygan import HealthyGAN
 from scanomaly.localization import foreground_mask, pixel_auroc
+from scanomaly.options import parse_set
 from scanomaly.splits import read_split_manifest
 
 
-def overrides(pairs: list[str]) -> dict:
-    """--set KEY=VALUE pairs (values read as JSON where they parse, else as strings)."""
-    out = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def mask_stats(masks: np.ndarray) -> dict[str, float]:
@@ -126,7 +116,7 @@ def main() -> None:
     for run in args.runs:
         split = read_split_manifest(run / "split.csv")
         # a run still training has no model yet: its snapshots are read into the profile's networks
-        det = Detector.load(run / "model") if (run / "model").is_dir() else HealthyGAN.from_profile(args.profile, overrides(args.set))
+        det = Detector.load(run / "model") if (run / "model").is_dir() else HealthyGAN.from_profile(args.profile, parse_set(args.set))
         snaps = sorted(run.rglob("snapshots/step_*.safetensors"))
         val = load_images(split.val, det.preprocessing, progress=False)
         if args.snapshots:
