@@ -16,56 +16,42 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scanomaly import detector, runs, threads
+from scanomaly import runs, threads
 from scanomaly.cli import main
-from scanomaly.detector import Detector, as_tensor
+from scanomaly.detector import Detector
 from scanomaly.errors import ScanomalyError
 from scanomaly.io import MIN_IMAGE_SIDE, read_image
 
+from conftest import MeanConfig, MeanDetector, registered
+
 
 @dataclass
-class MeanConfig:
-    iterations: int = 1
-    batch_size: int = 8
-    seed: int = 0
-    lr: float = 0.1
-    fail: bool = False
+class SafetyConfig(MeanConfig):
+    lr: float = 0.1  # a float option for the option checks
+    fail: bool = False  # make `fit` fail, as a crashed training would
 
 
-class MeanDetector(Detector):
-    """Scores an image by its mean absolute difference from the mean training image (shifted by the seed,
-    so that runs with other seeds are other models)."""
+class SafetyDetector(MeanDetector):
+    """conftest's fake method, recording the threads it trained with, and able to fail on purpose."""
 
     name = "_safety_mean"
-    Config = MeanConfig
+    Config = SafetyConfig
     profiles = {"cpu": {"preprocessing": {"image_size": 16}}}
     fit_threads: list = []
 
     def fit(self, healthy, unlabeled=None, **kwargs):
         import torch
 
-        MeanDetector.fit_threads.append(torch.get_num_threads())
+        SafetyDetector.fit_threads.append(torch.get_num_threads())
         if self.config.fail:
             raise ScanomalyError("training failed on purpose")
-        self.mean_image = as_tensor(healthy).mean(0) + 0.01 * self.config.seed
-        return self
-
-    def score(self, images, batch_size: int = 64):
-        maps = (as_tensor(images) - self.mean_image).abs().mean(1)
-        return maps.flatten(1).mean(1).double().numpy(), maps.numpy()
-
-    def state_tensors(self):
-        return {"mean_image": self.mean_image}
-
-    def load_state_tensors(self, tensors):
-        self.mean_image = tensors["mean_image"]
+        return super().fit(healthy, unlabeled, **kwargs)
 
 
 @pytest.fixture(autouse=True, scope="module")
 def fake_method():
-    detector.register(MeanDetector)
-    yield
-    detector._REGISTRY.pop(MeanDetector.name, None)
+    with registered(SafetyDetector):
+        yield
 
 
 def cli(capsys, *argv):
@@ -476,9 +462,9 @@ def test_threads_option_sets_the_threads_training_uses(tiny_tree, tmp_path, caps
 
     before = torch.get_num_threads()
     try:
-        MeanDetector.fit_threads.clear()
+        SafetyDetector.fit_threads.clear()
         assert train(capsys, tiny_tree / "train" / "normal", tmp_path / "run", "--threads", 1, source="--healthy")[0] == 0
-        assert MeanDetector.fit_threads == [1]
+        assert SafetyDetector.fit_threads == [1]
     finally:
         torch.set_num_threads(before)
 
