@@ -173,3 +173,52 @@ def test_cli_view_refuses_what_it_cannot_show(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["view", str(tmp_path / "empty")]) == 2
     assert "no scores CSV" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def scored_series(tmp_path_factory):
+    """A run whose scores.csv holds a 5-slice DICOM series (files named out of slice order) and one PNG."""
+    from test_volumes import write_mr_series
+
+    root = tmp_path_factory.mktemp("viewer_dicom")
+    files, _ = write_mr_series(root / "series", n=5)
+    png = root / "other" / "plain.png"
+    png.parent.mkdir()
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (32, 32), dtype=np.uint8)).save(png)
+    detector = get_method("ganomaly").from_profile("tiny")
+    run = root / "run"
+    detector.save(run / "model")
+    from scanomaly import discover
+
+    score_stream(detector, discover(root / "series") + discover(png), run / "scores.csv", batch_size=8, workers=0,
+                 progress=False)
+    return run, files
+
+
+def test_a_dicom_series_is_scrolled_slice_by_slice_in_anatomical_order(scored_series, tmp_path):
+    import pydicom
+
+    run, files = scored_series  # files[k] is the slice at z = 2.5 k mm
+    with TestClient(build_app(run, workdir=tmp_path / "work")) as client:
+        rows = client.get("/api/rows", params={"per_page": 50}).json()["rows"]
+        assert len(rows) == 6
+        row_of = {os.path.basename(r["name"]): r for r in rows}
+        plain = row_of.pop("plain.png")
+        assert plain["slices"] == 0 and plain["slice"] is None
+        # every file of the series is a row with the 5-slice scroller, at its place along the slice normal
+        for k, path in enumerate(files):
+            row = row_of[path.name]
+            assert row["slices"] == 5 and row["slice"] == k
+            assert float(pydicom.dcmread(path).ImagePositionPatient[2]) == 2.5 * k
+        # slice k of any row's series is the k-th file's own picture, its heatmap included
+        first = row_of[files[0].name]["row"]
+        for k, path in enumerate(files):
+            own = row_of[path.name]["row"]
+            for kind in ("scan", "heatmap"):
+                scrolled = client.get(f"/api/image/0/{first}/{kind}.png", params={"slice": k})
+                assert scrolled.status_code == 200
+                assert scrolled.content == client.get(f"/api/image/0/{own}/{kind}.png").content
+        scans = [client.get(f"/api/image/0/{first}/scan.png", params={"slice": k}).content for k in range(5)]
+        assert scans[3] != scans[0]  # the slice with the lesion (the others differ below 8 bits)
+        assert client.get(f"/api/image/0/{first}/scan.png", params={"slice": 5}).status_code == 404
+        assert client.get(f"/api/image/0/{plain['row']}/scan.png", params={"slice": 0}).status_code == 404

@@ -6,7 +6,11 @@
                                             one page of rows, highest score first, filtered by label and score
     GET  /api/roc?source=                   the ROC curve and the labelled scores (threshold slider)
     GET  /api/image/{source}/{row}/{kind}.png[?slice=k]
-                                            scan / healthy / heatmap of a row (another slice of its volume)
+                                            scan / healthy / heatmap of a row (slice k of its volume)
+
+A row's volume, for the slice scroller: the slices of its NIfTI file by index, or the DICOM series it
+belongs to (the source's single-frame DICOM rows in its folder with its SeriesInstanceUID), ordered along
+the slice normal as `volumes.find_volumes` orders them for the Parametric Map.
     POST /api/score?source=&filename=       the request body is an image file: its score and pictures
 
 Uploads are capped at `max_upload_bytes` (413 past it, before or while reading), written under the
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import math
+import os
 import uuid
 from pathlib import Path
 
@@ -29,8 +34,10 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from ..data import ImageRecord
 from ..errors import ImageReadError, ScanomalyError
-from ..io import IMAGE_SUFFIXES, NIFTI_SUFFIXES, describe_file, suffix_of
+from ..io import IMAGE_SUFFIXES, NIFTI_SUFFIXES, NPZ_SUFFIXES, RASTER_SUFFIXES, describe_file, suffix_of
+from ..volumes import find_volumes
 from .page import PAGE
 from .render import Models, Renderer
 from .sources import Source
@@ -39,6 +46,7 @@ DEFAULT_MAX_UPLOAD_BYTES = 32 * 1024 * 1024
 MAX_PER_PAGE = 200
 MAX_UPLOAD_IMAGES = 512  # slices of an uploaded volume scored at most
 LABEL_FILTERS = {"all": None, "normal": 0, "abnormal": 1, "unknown": -1}
+NOT_DICOM_SUFFIXES = RASTER_SUFFIXES | NIFTI_SUFFIXES | NPZ_SUFFIXES
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -69,7 +77,8 @@ def create_app(sources: list[Source], workdir, max_upload_bytes: int = DEFAULT_M
     from sklearn.metrics import roc_auc_score, roc_curve  # imported with the app, not on the first request
 
     rocs: dict[int, dict] = {}
-    slices: dict[str, int] = {}  # NIfTI path -> slice count
+    volumes: dict[tuple, list] = {}  # (source id, path) -> the slices of its volume, [(path, index)]
+    folders: dict[int, dict] = {}  # source id -> folder -> its rows that may be DICOM series slices
 
     def source_of(request: Request, value=None) -> Source:
         raw = value if value is not None else request.query_params.get("source", "0")
@@ -81,15 +90,39 @@ def create_app(sources: list[Source], workdir, max_upload_bytes: int = DEFAULT_M
             raise LookupError(f"no source {raw!r}")
         return sources[i]
 
-    def slice_count(row: dict) -> int:
-        if row["index"] is None or suffix_of(row["path"]) not in NIFTI_SUFFIXES:
-            return 0
-        if row["path"] not in slices:
-            try:
-                slices[row["path"]] = int(describe_file(row["path"])["n_images"])
-            except ImageReadError:
-                slices[row["path"]] = 0
-        return slices[row["path"]]
+    def nifti_slices(row: dict) -> list:
+        try:
+            n = int(describe_file(row["path"])["n_images"])
+        except ImageReadError:
+            n = 0
+        return [(row["path"], k) for k in range(n)]
+
+    def dicom_series(source: Source, row: dict) -> None:
+        """Group the source's DICOM files in the row's folder into series (headers read once per folder)."""
+        if source.id not in folders:
+            by_folder: dict[str, list[str]] = {}
+            for r in source.rows:
+                if r["index"] is None and suffix_of(r["path"]) not in NOT_DICOM_SUFFIXES:
+                    by_folder.setdefault(os.path.dirname(r["path"]), []).append(r["path"])
+            folders[source.id] = by_folder
+        files = folders[source.id].pop(os.path.dirname(row["path"]), [])
+        for vol in find_volumes([ImageRecord(p) for p in files]):
+            if vol.kind == "dicom":
+                series = [(p, None) for p in vol.files]
+                for p in vol.files:
+                    volumes[(source.id, p)] = series
+
+    def volume_of(source: Source, row: dict) -> list:
+        """The slices of the row's volume in their order, [(path, index)]; [] for an image of its own."""
+        key = (source.id, row["path"])
+        if key not in volumes:
+            suffix = suffix_of(row["path"])
+            if row["index"] is not None and suffix in NIFTI_SUFFIXES:
+                volumes[key] = nifti_slices(row)
+            elif row["index"] is None and suffix not in NOT_DICOM_SUFFIXES:
+                dicom_series(source, row)
+            volumes.setdefault(key, [])
+        return volumes[key]
 
     async def page(request: Request):
         return HTMLResponse(PAGE)
@@ -125,10 +158,11 @@ def create_app(sources: list[Source], workdir, max_upload_bytes: int = DEFAULT_M
         rows = []
         for i in chosen.tolist():
             r = source.rows[i]
+            volume = volume_of(source, r)
             rows.append({"row": i, "name": Path(r["path"]).name + ("" if r["index"] is None else f"#{r['index']}"),
                          "index": r["index"], "score": r["score"],
                          "label": {0: "normal", 1: "abnormal"}.get(r["label"], "unknown"),
-                         "slices": slice_count(r)})
+                         "slices": len(volume), "slice": volume.index((r["path"], r["index"])) if volume else None})
         # the page's pictures, drawn in one batch while the browser lays the rows out and asks for them
         prefetch = BackgroundTask(renderer.prefetch, source, [(source.rows[i]["path"], source.rows[i]["index"])
                                                               for i in chosen.tolist()])
@@ -158,11 +192,13 @@ def create_app(sources: list[Source], workdir, max_upload_bytes: int = DEFAULT_M
             if not 0 <= row_no < len(source.rows):
                 raise LookupError(f"no row {row_no}")
             row = source.rows[row_no]
-            index = row["index"]
+            path, index = row["path"], row["index"]
             if "slice" in request.query_params:
-                index = int(request.query_params["slice"])
-                if not 0 <= index < max(slice_count(row), 1) or row["index"] is None:
-                    raise LookupError(f"no slice {index}")
+                k = int(request.query_params["slice"])
+                volume = volume_of(source, row)
+                if not 0 <= k < len(volume):
+                    raise LookupError(f"no slice {k}")
+                path, index = volume[k]
         except LookupError as exc:
             return _error(404, str(exc))
         except ValueError:
@@ -170,7 +206,7 @@ def create_app(sources: list[Source], workdir, max_upload_bytes: int = DEFAULT_M
         if kind not in ("scan", "healthy", "heatmap"):
             return _error(404, f"no picture {kind!r}")
         try:
-            images = await run_in_threadpool(renderer.images, source, row["path"], index)
+            images = await run_in_threadpool(renderer.images, source, path, index)
         except ScanomalyError as exc:
             return _error(422, str(exc))
         if images[kind] is None:

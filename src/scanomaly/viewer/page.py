@@ -97,7 +97,7 @@ function pictures(row, slice) {
 
 function rowHtml(row, rank) {
   const scroller = row.slices > 1 ?
-    `<div>slice <input class="slice" type="range" min="0" max="${row.slices - 1}" value="${row.index}" data-row="${row.row}"> <span class="slice-no">${row.index}</span> / ${row.slices - 1}</div>` : "";
+    `<div>slice <input class="slice" type="range" min="0" max="${row.slices - 1}" value="${row.slice}" data-row="${row.row}"> <span class="slice-no">${row.slice}</span> / ${row.slices - 1}</div>` : "";
   return `<tr class="row" data-row="${row.row}" data-score="${row.score}"><td>${rank}</td><td>${esc(row.name)}</td>` +
          `<td class="score">${row.score.toPrecision(5)}</td><td class="${row.label}">${row.label}</td>` +
          `<td><div class="pics">${pictures(row)}</div>${scroller}</td></tr>`;
