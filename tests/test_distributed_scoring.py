@@ -112,3 +112,15 @@ def test_volume_maps_under_torchrun_need_one_colour_scale_and_are_written_once(i
     rows = (tmp_path / "s_volumes.csv").read_text().splitlines()
     assert len(rows) == 2 and rows[1].split(",")[2] == "5"
     assert len(list(heat.glob("*.png"))) == 21  # one panel per image, none overwritten by another rank
+
+    # the panels have the names a one-process run gives them, and the merged CSV names them as it does
+    one_heat = tmp_path / "one_heat"
+    argv = _score_args(root, images, tmp_path / "one.csv")[2:] + ["--heatmaps", one_heat, "--heatmap-range", 0, 1]
+    assert main([str(a) for a in argv]) == 0
+    assert sorted(p.name for p in heat.glob("*.png")) == sorted(p.name for p in one_heat.glob("*.png"))
+
+    def rows(path):
+        lines = path.read_text().splitlines()
+        return [line.rsplit(",", 1)[0] + "," + line.rsplit("/", 1)[-1] for line in lines[1:]]
+
+    assert rows(out) == rows(tmp_path / "one.csv")

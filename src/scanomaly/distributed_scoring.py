@@ -13,7 +13,8 @@
    one-process run writes: records as given, the images of a multi-image file by index), and writes the
    per-volume scores when volume maps were asked for. The parts are kept: they are what a rerun resumes.
 
-Heatmap panels of several ranks share one colour scale only when it is given: with --heatmaps, give
+Heatmap panels are named by the image's place in the whole input, so that they have the names a
+one-process run gives them. They share one colour scale only when it is given: with --heatmaps, give
 --heatmap-range (each rank would otherwise choose its own from its first batch).
 """
 
@@ -24,11 +25,11 @@ import os
 import re
 from pathlib import Path
 
-from . import distributed
+from . import distributed, runs
 from .data import ImageRecord
 from .errors import ScanomalyError
 from .scores_csv import record_key
-from .streaming import StreamSummary, score_stream
+from .streaming import StreamSummary, heatmap_scale_path, score_stream
 
 
 def part_path(out_csv: Path, rank: int, size: int) -> Path:
@@ -53,12 +54,23 @@ def shard_bounds(groups: list[str], size: int) -> list[tuple[int, int]]:
     return list(zip(starts, starts[1:] + [n]))
 
 
-def shard(records: list[ImageRecord], rank: int, size: int, group_of=None) -> list[ImageRecord]:
-    """This rank's records: the `rank`-th contiguous shard of the sorted list (see the module docstring)."""
+def shard_positions(records: list[ImageRecord], rank: int, size: int, group_of=None) -> list[int]:
+    """Where this rank's records lie in `records`: the `rank`-th contiguous shard of the sorted list (see the
+    module docstring)."""
     group_of = group_of or (lambda rec: rec.path)
-    ordered = sorted(records, key=lambda r: (group_of(r), record_key(r.path, r.index)[0], -1 if r.index is None else r.index))
-    start, stop = shard_bounds([group_of(r) for r in ordered], size)[rank]
+
+    def order(i: int):
+        r = records[i]
+        return group_of(r), record_key(r.path, r.index)[0], -1 if r.index is None else r.index
+
+    ordered = sorted(range(len(records)), key=order)
+    start, stop = shard_bounds([group_of(records[i]) for i in ordered], size)[rank]
     return ordered[start:stop]
+
+
+def shard(records: list[ImageRecord], rank: int, size: int, group_of=None) -> list[ImageRecord]:
+    """This rank's records (`shard_positions`)."""
+    return [records[i] for i in shard_positions(records, rank, size, group_of)]
 
 
 def merge_parts(parts: list[Path], records: list[ImageRecord], out_csv: Path) -> int:
@@ -114,12 +126,18 @@ def score_sharded(scorer, records: list[ImageRecord], out_csv, *, batch_size: in
         raise ScanomalyError(f"{others[0]} is a part of an earlier run on another number of processes; rerun "
                              f"with that number to resume it, or give --overwrite")
     distributed.barrier()  # every rank has looked before rank 0 removes anything
-    if overwrite and world.is_main:
-        for stale in others + [out_csv]:
+    if overwrite:  # here, not in score_stream: there a rank could remove the panels another has just written
+        for stale in (mine, heatmap_scale_path(mine), runs.scores_source_path(mine)):
             stale.unlink(missing_ok=True)
+        if world.is_main:
+            for stale in others + [out_csv]:
+                stale.unlink(missing_ok=True)
+            runs.drop_heatmap_panels(heatmap_dir)
+        distributed.barrier()
 
     group_of = volumes.group_of if volumes is not None else None
-    my_records = shard(records, world.rank, world.size, group_of)
+    my_positions = shard_positions(records, world.rank, world.size, group_of)
+    my_records = [records[i] for i in my_positions]
     if volumes is not None:
         volumes.restrict(my_records)
     summary = StreamSummary(mine, 0, 0)
@@ -128,8 +146,8 @@ def score_sharded(scorer, records: list[ImageRecord], out_csv, *, batch_size: in
         try:
             summary = score_stream(
                 scorer, my_records, mine, batch_size=batch_size, workers=workers, heatmap_dir=heatmap_dir,
-                heatmap_range=heatmap_range, overwrite=overwrite, progress=progress and world.is_main,
-                on_scored=volumes.add if volumes is not None else None)
+                heatmap_range=heatmap_range, progress=progress and world.is_main,
+                on_scored=volumes.add if volumes is not None else None, positions=my_positions)
             if volumes is not None:
                 volumes.finish(mine, batch_size=batch_size, write_scores=False)
         except ScanomalyError as exc:

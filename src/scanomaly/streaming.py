@@ -95,7 +95,7 @@ class RecordImages(Dataset):
 
 @dataclass
 class Batch:
-    positions: list[int]  # of each image's record in the (expanded) record list: names heatmap files
+    positions: list[int]  # of each image's file in the whole input: names heatmap files
     records: list[ImageRecord]  # one per image
     images: torch.Tensor | None  # [B, C, S, S] in [-1, 1]; None when nothing in the batch was readable
     skipped: list[dict]  # {"path", "reason"[, "index"]} as in ImageSet.skipped
@@ -106,10 +106,12 @@ class Batch:
 
 
 class _Collate:
-    """DataLoader collate_fn (a class, so that worker processes can receive it)."""
+    """DataLoader collate_fn (a class, so that worker processes can receive it). `positions[i]`: where
+    record i's file lies in the whole input."""
 
-    def __init__(self, records: list[ImageRecord]):
+    def __init__(self, records: list[ImageRecord], positions: list[int]):
         self.records = records
+        self.positions = positions
 
     def __call__(self, items) -> Batch:
         batch = Batch([], [], None, [])
@@ -121,7 +123,7 @@ class _Collate:
                                      | ({"index": rec.index} if rec.index is not None else {}))
                 continue
             for k, t in enumerate(images):
-                batch.positions.append(i)
+                batch.positions.append(self.positions[i])
                 batch.records.append(rec if len(images) == 1 else replace(rec, index=k))
                 tensors.append(t)
         if tensors:
@@ -164,7 +166,9 @@ def scored_keys(path: Path, columns: list[str]) -> set[tuple[str, int | None]]:
 # heatmap panels
 # ------------------------------------------------------------------------------------------
 def heatmap_file_name(position: int, rec: ImageRecord) -> str:
-    """`00042_person1_virus_6.png`: the position keeps names unique and sorted as the input."""
+    """`00042_person1_virus_6.png`, `00043_brain_12.png`: the position of the file in the whole input (and
+    the image's index in a multi-image file) keep names unique and sorted as the input, whichever process
+    of a sharded run (distributed_scoring.py) scores it."""
     name = Path(rec.path).name
     for suffix in (".nii.gz", Path(name).suffix):
         if suffix and name.lower().endswith(suffix):
@@ -231,11 +235,14 @@ def score_stream(
     overwrite: bool = False,
     progress: bool = True,
     on_scored=None,
+    positions: list[int] | None = None,
 ) -> StreamSummary:
     """Score `records` batch by batch into `out_csv` (resuming it unless `overwrite`), with heatmap
     panels in `heatmap_dir` if given. `scorer` is a Detector or an `export.OnnxScorer`: anything
     with `preprocessing`, `score(x, batch_size)` and `score_and_reconstruct(x, batch_size)`.
-    `on_scored(records, scores, maps, healthy)`, with `heatmap_dir`, sees each batch's maps (volumes.VolumeOutputs)."""
+    `on_scored(records, scores, maps, healthy)`, with `heatmap_dir`, sees each batch's maps (volumes.VolumeOutputs).
+    `positions`: where each record lies in the whole input (default: its place in `records`; a shard of a
+    larger input gives its own), which names the heatmap panels."""
     if batch_size < 1 or workers < 0:
         raise ScanomalyError(f"batch_size must be >= 1 and workers >= 0, got {batch_size} and {workers}")
     if not isinstance(records, list):
@@ -249,7 +256,13 @@ def score_stream(
             stale.unlink(missing_ok=True)
         runs.drop_heatmap_panels(heatmap_dir)
 
-    records = expand_records(records)
+    positions = range(len(records)) if positions is None else positions
+    expanded, origins = [], []
+    for rec, position in zip(records, positions):
+        images = expand_records([rec])
+        expanded += images
+        origins += [position] * len(images)
+    records = expanded
     done = scored_keys(out_csv, columns) if out_csv.is_file() else set()
     runs.check_scores_source(out_csv, runs.scorer_source(scorer), resuming=bool(done))  # one model per CSV
     todo = [i for i, r in enumerate(records) if record_key(r.path, r.index) not in done]
@@ -264,7 +277,7 @@ def score_stream(
     # only the images still to do; RecordImages items carry their position in `records`
     loader = DataLoader(
         Subset(RecordImages(records, scorer.preprocessing), todo),
-        batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_Collate(records),
+        batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_Collate(records, origins),
         # page-locked batches: the copy to a GPU overlaps the next batch's reading
         pin_memory=getattr(getattr(scorer, "device", None), "type", "cpu") == "cuda",
     )
