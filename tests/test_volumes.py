@@ -67,10 +67,11 @@ def lesion_volume(shape=(7, 20, 20), lesion=(4, 6, 13), low=100.0, high=1100.0, 
     return data.astype(np.float32)
 
 
-def _score_with_volumes(scorer, records, out_csv, heatmap_dir, batch_size=4):
-    volumes = VolumeOutputs(scorer, records, heatmap_dir)
+def _score_with_volumes(scorer, records, out_csv, heatmap_dir, batch_size=4, dicom_output="parametric-map",
+                        heatmap_range=None):
+    volumes = VolumeOutputs(scorer, records, heatmap_dir, dicom_output=dicom_output)
     score_stream(scorer, records, out_csv, batch_size=batch_size, workers=0, heatmap_dir=heatmap_dir,
-                 progress=False, on_scored=volumes.add)
+                 heatmap_range=heatmap_range, progress=False, on_scored=volumes.add)
     return volumes, volumes.finish(out_csv)
 
 
@@ -264,3 +265,69 @@ def test_dicom_series_gives_a_parametric_map_that_references_it_and_round_trips(
     with open(volume_csv, newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 1 and rows[0]["kind"] == "dicom" and rows[0]["volume"] == series_uid
+
+
+# ------------------------------------------------------------------------------------------
+# DICOM series -> Secondary Capture overlay
+# ------------------------------------------------------------------------------------------
+def test_dicom_series_gives_a_secondary_capture_overlay_in_slice_order_with_the_lesion_hot(tmp_path):
+    pytest.importorskip("highdicom")
+    import pydicom
+    from pydicom.uid import SecondaryCaptureImageStorage
+
+    files, series_uid = write_mr_series(tmp_path / "series")  # files[k]: the slice at z = 2.5 k; lesion (3, 10, 21)
+    sources = [pydicom.dcmread(f) for f in files]
+    scorer = BrightnessScorer(Preprocessing(image_size=32))
+    records = discover(tmp_path / "series")
+    # the run's colour scale tops at the lesion (the map is the brightness the reader gives: stored / 65535);
+    # the background, at most 300 / 65535, stays grey-blue
+    scale = (0.0, 2000 / 65535)
+    volumes, volume_csv = _score_with_volumes(scorer, records, tmp_path / "scores.csv", tmp_path / "heat",
+                                              dicom_output="both", heatmap_range=scale)
+    vol = volumes.volumes[0]
+    assert vol.outputs[0].endswith("_anomaly_map.dcm") and pydicom.dcmread(vol.outputs[0]).NumberOfFrames == 5
+    overlay = sorted((tmp_path / "heat" / "volumes").glob("*_overlay/*.dcm"))
+    assert len(overlay) == len(files) and str(overlay[0].parent) == vol.overlay
+
+    images = [pydicom.dcmread(p) for p in overlay]
+    assert len({str(im.SeriesInstanceUID) for im in images}) == 1 and images[0].SeriesInstanceUID != series_uid
+    redness = []
+    for k, (image, source) in enumerate(zip(images, sources)):
+        assert image.SOPClassUID == SecondaryCaptureImageStorage and image.InstanceNumber == k + 1
+        assert image.StudyInstanceUID == source.StudyInstanceUID and image.PatientID == source.PatientID
+        assert image.ReferencedImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID  # slice order
+        assert image.PhotometricInterpretation == "RGB" and image.SamplesPerPixel == 3
+        rgb = image.pixel_array.astype(np.int32)
+        assert rgb.shape == (source.Rows, source.Columns, 3)
+        redness.append(rgb[..., 0] - rgb[..., 2])  # jet: red at the top of the scale, blue at the bottom
+    hot = int(np.argmax([r.max() for r in redness]))
+    assert hot == 3 and np.unravel_index(np.argmax(redness[3]), redness[3].shape) == (10, 21)
+    assert redness[3].max() > 50 and max(r.max() for k, r in enumerate(redness) if k != 3) < 0
+
+    with open(volume_csv, newline="") as fh:
+        assert [r["overlay"] for r in csv.DictReader(fh)] == [vol.overlay]
+    # run again: both outputs are found on disk, not written again
+    stamps = [mtime(p) for p in overlay]
+    volumes, _ = _score_with_volumes(scorer, records, tmp_path / "scores.csv", tmp_path / "heat", dicom_output="both",
+                                     heatmap_range=scale)
+    assert volumes.volumes[0].overlay == vol.overlay and [mtime(p) for p in overlay] == stamps
+
+
+def test_cli_dicom_output_chooses_what_a_series_gives(tmp_path, capsys):
+    pytest.importorskip("highdicom")
+    write_mr_series(tmp_path / "series")
+    detector = get_method("ganomaly").from_profile("tiny")
+    detector.save(tmp_path / "model")
+
+    def score(*extra):
+        argv = ["score", tmp_path / "model", tmp_path / "series", "--out", tmp_path / "s.csv", "--heatmaps",
+                tmp_path / "heat", "--workers", 0, "--no-progress", "--device", "cpu", "--overwrite", *extra]
+        return main([str(a) for a in argv])
+
+    assert score("--dicom-output", "secondary-capture") == 0
+    written = sorted(p.name for p in (tmp_path / "heat" / "volumes").iterdir())
+    assert len(written) == 1 and written[0].endswith("_overlay")
+    assert len(list((tmp_path / "heat" / "volumes" / written[0]).glob("*.dcm"))) == 5
+    capsys.readouterr()
+    assert score("--dicom-output", "overlay") == 2
+    assert "error:" in capsys.readouterr().err

@@ -442,7 +442,8 @@ def _score(args, world) -> int:
     # volumes in, volumes out: NIfTI / DICOM maps on the input's grid (volumes.py)
     from .volumes import VolumeOutputs, volume_scores_path
 
-    volumes = VolumeOutputs(scorer, records, _abspath(args.heatmaps)) if args.heatmaps else None
+    volumes = (VolumeOutputs(scorer, records, _abspath(args.heatmaps), dicom_output=args.dicom_output)
+               if args.heatmaps else None)
     options = dict(batch_size=args.batch_size,
                    workers=args.workers if args.workers is not None else default_workers(),
                    heatmap_dir=_abspath(args.heatmaps) if args.heatmaps else None,
@@ -640,12 +641,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     from .export import DEFAULT_OPSET
+    from .volumes import DICOM_OUTPUTS
 
     p = sub.add_parser("score", help="score images with a trained model, streaming (resumable); optional heatmap panels")
     p.add_argument("model", metavar="RUN_OR_MODEL_DIR")
     p.add_argument("images", metavar="IMAGES_OR_DIR", help="folder, image file, manifest CSV or .npz")
     p.add_argument("--out", required=True, metavar="CSV")
     p.add_argument("--heatmaps", metavar="DIR", help="write one heatmap panel PNG per image here")
+    p.add_argument("--dicom-output", choices=DICOM_OUTPUTS, default="parametric-map",
+                   help="with --heatmaps, per DICOM series: a Parametric Map of the anomaly map (default), a "
+                        "Secondary Capture series of the scan with the map in colour (for viewers that cannot "
+                        "show Parametric Maps), or both")
     p.add_argument("--role", help="with a split.csv: score only this role (e.g. test, val)")
     p.add_argument("--batch-size", type=int, default=64, help="images read, scored and written at a time (default 64)")
     p.add_argument("--workers", type=int,

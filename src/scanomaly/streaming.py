@@ -240,7 +240,8 @@ def score_stream(
     """Score `records` batch by batch into `out_csv` (resuming it unless `overwrite`), with heatmap
     panels in `heatmap_dir` if given. `scorer` is a Detector or an `export.OnnxScorer`: anything
     with `preprocessing`, `score(x, batch_size)` and `score_and_reconstruct(x, batch_size)`.
-    `on_scored(records, scores, maps, healthy)`, with `heatmap_dir`, sees each batch's maps (volumes.VolumeOutputs).
+    `on_scored(records, scores, maps, healthy, heatmap_range)`, with `heatmap_dir`, sees each batch's maps and
+    the run's colour scale (volumes.VolumeOutputs).
     `positions`: where each record lies in the whole input (default: its place in `records`; a shard of a
     larger input gives its own), which names the heatmap panels."""
     if batch_size < 1 or workers < 0:
@@ -321,5 +322,5 @@ def _score_batch(scorer, batch: Batch, heatmap_dir: Path | None, summary: Stream
         _save_scale(scale_file, summary.heatmap_range)
     panels = _write_panels(batch, scores, maps, healthy, heatmap_dir, summary.heatmap_range)
     if on_scored is not None:
-        on_scored(batch.records, scores, maps, healthy)
+        on_scored(batch.records, scores, maps, healthy, summary.heatmap_range)
     return [score_row(rec, s) + [p] for rec, s, p in zip(batch.records, np.asarray(scores, dtype=np.float64), panels)]

@@ -16,10 +16,13 @@ in 3D Slicer, ITK-SNAP or a PACS viewer. This module takes the per-slice maps ba
    output has the shape, affine and orientation of the file read (the header is the input's, data type
    float32). For DICOM, each frame is the stored pixel grid of its source image.
 5. Write: NIfTI `<volume>_anomaly_map.nii.gz` and `<volume>_healthy.nii.gz` (the translation in the
-   scan's own intensity units: the volume's min-max scaling undone); for a DICOM series a Parametric Map
-   (highdicom) referencing every source image: uint16 pixels with a real world value mapping
-   (value = slope * stored + intercept, slope = (max - min) / 65535), so a stored value is the map to
-   within slope / 2.
+   scan's own intensity units: the volume's min-max scaling undone); for a DICOM series (`dicom_output`)
+   a Parametric Map (highdicom) referencing every source image: uint16 pixels with a real world value
+   mapping (value = slope * stored + intercept, slope = (max - min) / 65535), so a stored value is the map
+   to within slope / 2; and / or, for viewers that cannot show a Parametric Map, a Secondary Capture
+   series `<volume>_overlay/` (highdicom SCImage, in the source's study): one RGB image per source slice,
+   in slice order, each referencing its slice, the scan with the map blended in colour (the run's
+   heatmap colour scale, `jet` as the panels, more opaque where the map is higher).
 6. One score per volume, in `<scores stem>_volumes.csv`: the mean, max and mean of the top k slice
    scores (`metrics.patient_scores`, the rules of `evaluate --per-patient`), from the scores CSV.
 """
@@ -27,6 +30,8 @@ in 3D Slicer, ITK-SNAP or a PACS viewer. This module takes the per-slice maps ba
 from __future__ import annotations
 
 import csv
+import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,12 +45,16 @@ from .io import DICOM_SUFFIXES, NIFTI_SUFFIXES, RASTER_SUFFIXES, is_dicom_file, 
 from .metrics import patient_scores
 from .preprocess import Preprocessing, to_unit_range
 from .scores_csv import record_key
+from .streaming import HEATMAP_PERCENTILE, heatmap_scale_path
 
 VOLUME_DIR = "volumes"
 TOP_K = 3  # k of the top-k mean, as `evaluate --top-k` defaults
 MAP_SUFFIX = "_anomaly_map"
 HEALTHY_SUFFIX = "_healthy"
-VOLUME_COLUMNS = ("volume", "kind", "n_slices", "mean", "max", f"top{TOP_K}_mean", "label", "anomaly_map", "healthy")
+OVERLAY_SUFFIX = "_overlay"
+VOLUME_COLUMNS = ("volume", "kind", "n_slices", "mean", "max", f"top{TOP_K}_mean", "label", "anomaly_map", "healthy",
+                  "overlay")
+DICOM_OUTPUTS = ("parametric-map", "secondary-capture", "both")
 
 
 # ------------------------------------------------------------------------------------------
@@ -85,7 +94,8 @@ class Volume:
     label: int = -1
     maps: dict = field(default_factory=dict)  # record key -> [S, S] map
     healthy: dict = field(default_factory=dict)  # record key -> [S, S] in [0, 1]
-    outputs: tuple[str, str] | None = None  # (map, healthy) paths once written
+    outputs: tuple[str, str] | None = None  # (map, healthy) paths once written ("" where not written)
+    overlay: str = ""  # the Secondary Capture series' folder, once written
     seen: bool = False  # a slice of it was scored by this run
 
     @property
@@ -173,8 +183,13 @@ class VolumeOutputs:
         volumes.finish(out_csv)
     """
 
-    def __init__(self, scorer, records: list[ImageRecord], heatmap_dir, method: str | None = None):
+    def __init__(self, scorer, records: list[ImageRecord], heatmap_dir, method: str | None = None,
+                 dicom_output: str = "parametric-map"):
+        if dicom_output not in DICOM_OUTPUTS:
+            raise ScanomalyError(f"unknown DICOM output {dicom_output!r}; use one of {', '.join(DICOM_OUTPUTS)}")
         self.scorer = scorer
+        self.dicom_output = dicom_output
+        self.heatmap_range: tuple[float, float] | None = None  # the run's colour scale, once known
         self.preprocessing: Preprocessing = scorer.preprocessing
         self.method = method or getattr(scorer, "name", "scanomaly")
         self.dir = Path(heatmap_dir) / VOLUME_DIR
@@ -204,8 +219,10 @@ class VolumeOutputs:
         stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in vol.name)[:80]
         return self.dir / f"{position:04d}_{stem}"
 
-    def add(self, records: list[ImageRecord], scores, maps, healthy) -> None:
+    def add(self, records: list[ImageRecord], scores, maps, healthy, heatmap_range=None) -> None:
         """One scored batch: keep the slices of volumes; write each volume as soon as it is whole."""
+        if heatmap_range is not None:
+            self.heatmap_range = tuple(heatmap_range)
         for j, rec in enumerate(records):
             key = record_key(rec.path, rec.index)
             vol = self._by_key.get(key)
@@ -224,6 +241,9 @@ class VolumeOutputs:
         (None: no volumes, or not written)."""
         if not self.volumes:
             return None
+        scale_file = heatmap_scale_path(Path(out_csv))
+        if self.heatmap_range is None and scale_file.is_file():  # nothing scored by this run: the scale it had
+            self.heatmap_range = tuple(json.loads(scale_file.read_text())["heatmap_range"])
         for vol in self.volumes:
             if not self._is_mine(vol):
                 continue
@@ -246,12 +266,19 @@ class VolumeOutputs:
         """A volume none of whose slices this run scored, with outputs on disk: an earlier run wrote them
         (outputs are written whole, under a temporary name, then renamed)."""
         stem = self.output_stem(vol)
-        ext = ".nii.gz" if vol.kind == "nifti" else ".dcm"
-        anomaly = stem.with_name(stem.name + MAP_SUFFIX + ext)
-        if not anomaly.is_file():
+        if vol.kind == "nifti":
+            anomaly = stem.with_name(stem.name + MAP_SUFFIX + ".nii.gz")
+            if not anomaly.is_file():
+                return False
+            healthy = stem.with_name(stem.name + HEALTHY_SUFFIX + ".nii.gz")
+            vol.outputs = (str(anomaly), str(healthy) if healthy.is_file() else "")
+            return True
+        anomaly = stem.with_name(stem.name + MAP_SUFFIX + ".dcm") if self.dicom_output != "secondary-capture" else None
+        overlay = stem.with_name(stem.name + OVERLAY_SUFFIX) if self.dicom_output != "parametric-map" else None
+        if (anomaly is not None and not anomaly.is_file()) or (overlay is not None and not overlay.is_dir()):
             return False
-        healthy = stem.with_name(stem.name + HEALTHY_SUFFIX + ext)
-        vol.outputs = (str(anomaly), str(healthy) if healthy.is_file() else "")
+        vol.outputs = (str(anomaly or ""), "")
+        vol.overlay = str(overlay or "")
         return True
 
     def _rescore(self, vol: Volume, batch_size: int) -> None:
@@ -282,7 +309,11 @@ class VolumeOutputs:
         if vol.kind == "nifti":
             vol.outputs = write_nifti_outputs(vol, self.preprocessing, stem)
         else:
-            vol.outputs = write_dicom_parametric_map(vol, self.preprocessing, stem, self.method)
+            vol.outputs = ("", "")
+            if self.dicom_output != "secondary-capture":
+                vol.outputs = write_dicom_parametric_map(vol, self.preprocessing, stem, self.method)
+            if self.dicom_output != "parametric-map":
+                vol.overlay = write_dicom_overlay(vol, self.preprocessing, stem, self.method, self.heatmap_range)
         vol.maps.clear()
         vol.healthy.clear()
         self.seconds_writing += time.perf_counter() - start
@@ -355,12 +386,9 @@ def map_rescale(values: np.ndarray) -> tuple[float, float]:
 
 
 def write_dicom_parametric_map(vol: Volume, preprocessing: Preprocessing, stem: Path, method: str) -> tuple[str, str]:
-    try:
-        import highdicom as hd
-        from pydicom.sr.codedict import codes
-    except ImportError:
-        raise ScanomalyError("writing DICOM maps needs highdicom: pip install 'scanomaly[dicom-out]'") from None
+    hd = _highdicom()
     import pydicom
+    from pydicom.sr.codedict import codes
 
     from . import __version__
 
@@ -400,6 +428,89 @@ def write_dicom_parametric_map(vol: Volume, preprocessing: Preprocessing, stem: 
     pmap.save_as(str(partial))
     partial.replace(target)
     return str(target), ""
+
+
+def _highdicom():
+    try:
+        import highdicom as hd
+    except ImportError:
+        raise ScanomalyError("writing DICOM maps needs highdicom: pip install 'scanomaly[dicom-out]'") from None
+    return hd
+
+
+# ------------------------------------------------------------------------------------------
+# 4-5. DICOM: a Secondary Capture series of the scan with the map in colour
+# ------------------------------------------------------------------------------------------
+OVERLAY_COLORMAP = "jet"  # as the heatmap panels (viz.heatmap_panel)
+OVERLAY_OPACITY = 0.6  # of the colour where the map is at the top of its scale; 0 at the bottom
+SCAN_PERCENTILES = (0.5, 99.5)  # the scan's grey levels stretched between these, over the series
+
+
+def blend_overlay(scan01: np.ndarray, values: np.ndarray, scale: tuple[float, float]) -> np.ndarray:
+    """[H, W] scan in [0, 1] and [H, W] map -> [H, W, 3] uint8: the map's colour over the scan, with an
+    opacity that grows with the map (OVERLAY_OPACITY at the top of `scale`), so low values leave the scan grey."""
+    from matplotlib import colormaps
+
+    lo, hi = scale
+    t = np.clip((np.asarray(values, np.float64) - lo) / (hi - lo if hi > lo else 1.0), 0.0, 1.0)
+    colour = colormaps[OVERLAY_COLORMAP](t)[..., :3]
+    alpha = (OVERLAY_OPACITY * t)[..., None]
+    rgb = (1.0 - alpha) * np.asarray(scan01, np.float64)[..., None] + alpha * colour
+    return np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
+
+
+def write_dicom_overlay(vol: Volume, preprocessing: Preprocessing, stem: Path, method: str,
+                        scale: tuple[float, float] | None = None) -> str:
+    """The series as RGB Secondary Capture images (`stem`_overlay/0001.dcm, ...: one per source slice, in
+    slice order), in the source's study, each referencing its source image. `scale`: the colour scale
+    (default: the series' maps, their minimum to their 99.5th percentile). Returns the folder."""
+    hd = _highdicom()
+    import pydicom
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from . import __version__
+
+    sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in vol.files]
+    scans = [read_image(p)[0] for p in vol.files]  # [0, 1], as the model's reader windows them
+    frames = [slice_to_grid(vol.maps[k], preprocessing, scan.shape, 0.0) for k, scan in zip(vol.keys, scans)]
+    if scale is None:
+        stacked = np.stack(frames)
+        scale = (float(stacked.min()), float(np.percentile(stacked, HEATMAP_PERCENTILE)))
+    grey_lo, grey_hi = np.percentile(np.concatenate([s.ravel() for s in scans]), SCAN_PERCENTILES)
+    grey_span = grey_hi - grey_lo if grey_hi > grey_lo else 1.0
+
+    target = stem.with_name(stem.name + OVERLAY_SUFFIX)
+    partial = stem.with_name(stem.name + OVERLAY_SUFFIX + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    series_uid = hd.UID()
+    for number, (source, scan, values) in enumerate(zip(sources, scans, frames), start=1):
+        orientation = np.asarray([float(v) for v in source.ImageOrientationPatient])
+        axes = np.column_stack([orientation[:3], orientation[3:], np.cross(orientation[:3], orientation[3:])])
+        row_direction, column_direction, _ = hd.spatial.get_closest_patient_orientation(axes)
+        image = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=source,
+            pixel_array=blend_overlay(np.clip((scan - grey_lo) / grey_span, 0, 1), values, scale),
+            photometric_interpretation="RGB",
+            bits_allocated=8,
+            coordinate_system="PATIENT",
+            series_instance_uid=series_uid,
+            series_number=int(getattr(source, "SeriesNumber", 0) or 0) + 950,
+            sop_instance_uid=hd.UID(),
+            instance_number=number,
+            manufacturer="scanomaly",
+            pixel_spacing=tuple(float(v) for v in source.PixelSpacing),
+            patient_orientation=(row_direction.value, column_direction.value),
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+            series_description=f"{method} anomaly overlay"[:64],
+            manufacturer_model_name=method[:64],
+            software_versions=__version__,
+        )
+        image.ReferencedImageSequence = hd.ReferencedImageSequence(referenced_images=[source])
+        image.save_as(str(partial / f"{number:04d}.dcm"))
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    return str(target)
 
 
 # ------------------------------------------------------------------------------------------
@@ -444,5 +555,5 @@ def write_volume_scores(volumes: list[Volume], out_csv) -> Path:
             w.writerow([vol.files[0] if vol.kind == "nifti" else vol.name, vol.kind,
                         sum(k in scores for k in vol.keys), repr(reduced["mean"][pid][0]),
                         repr(reduced["max"][pid][0]), repr(reduced["topk_mean"][pid][0]),
-                        "" if label < 0 else label, map_path, healthy_path])
+                        "" if label < 0 else label, map_path, healthy_path, vol.overlay])
     return path
