@@ -17,7 +17,7 @@ sync_api = pytest.importorskip("playwright.sync_api")
 
 from scanomaly.viewer import build_app  # noqa: E402
 
-from test_viewer import scored  # noqa: E402,F401  (the fixture)
+from test_viewer import scored, scored_series  # noqa: E402,F401  (the fixtures)
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
@@ -38,7 +38,15 @@ def _free_port() -> int:
 
 @pytest.fixture
 def server(scored, tmp_path):  # noqa: F811
-    run, _, _ = scored
+    yield from _serve(scored[0], tmp_path)
+
+
+@pytest.fixture
+def series_server(scored_series, tmp_path):  # noqa: F811
+    yield from _serve(scored_series[0], tmp_path)
+
+
+def _serve(run, tmp_path):
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(build_app(run, workdir=tmp_path / "work"), host="127.0.0.1", port=port,
                                        log_level="warning"))
@@ -102,3 +110,21 @@ def test_viewer_in_a_browser(server, page, scored):  # noqa: F811
     expected = float(detector.score(torch.stack([detector.preprocessing.apply(read_image(image)[0])]))[0][0])
     assert float(page.inner_text("#upload-score")) == pytest.approx(expected, rel=1e-4)  # shown to 5 digits
     assert page.eval_on_selector("#upload-result img.overlay", "el => el.src.startsWith('data:image/png')")
+
+
+def test_a_dicom_series_scrolls_in_a_browser(series_server, page, scored_series):  # noqa: F811
+    _, files = scored_series
+    page.goto(series_server)
+    page.wait_for_selector("input.slice")
+    sliders = page.eval_on_selector_all("input.slice", "els => els.map(e => [e.closest('tr').children[1].textContent,"
+                                                       " Number(e.value), Number(e.max)])")
+    position = {path.name: k for k, path in enumerate(files)}
+    assert sorted(name for name, _, _ in sliders) == sorted(position)  # every file of the series, none else
+    assert all(value == position[name] and top == len(files) - 1 for name, value, top in sliders)
+    # moving a row's slider shows that slice of the series: scan and heatmap
+    page.eval_on_selector("input.slice", "el => { el.value = '3'; el.dispatchEvent(new Event('input')); }")
+    row = page.query_selector("tr.row:has(input.slice)")
+    assert row.eval_on_selector("img.scan", "el => el.getAttribute('src')").endswith("?slice=3")
+    assert row.eval_on_selector("img.overlay", "el => el.getAttribute('src')").endswith("heatmap.png?slice=3")
+    page.wait_for_function("() => { const el = document.querySelector('tr.row:has(input.slice) img.overlay');"
+                           " return el.complete && el.naturalWidth > 0; }", timeout=60_000)
