@@ -459,6 +459,18 @@ def blend_overlay(scan01: np.ndarray, values: np.ndarray, scale: tuple[float, fl
     return np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
 
 
+def _patient_orientation(hd, source) -> tuple:
+    """The patient directions (e.g. L, P) closest to the rows and columns of `source` (made exactly orthogonal
+    first: stored direction cosines are rounded)."""
+    orientation = np.asarray([float(v) for v in source.ImageOrientationPatient])
+    row = orientation[:3] / np.linalg.norm(orientation[:3])
+    column = orientation[3:] - np.dot(orientation[3:], row) * row
+    column /= np.linalg.norm(column)
+    axes = np.column_stack([row, column, np.cross(row, column)])
+    row_direction, column_direction, _ = hd.spatial.get_closest_patient_orientation(axes)
+    return row_direction.value, column_direction.value
+
+
 def write_dicom_overlay(vol: Volume, preprocessing: Preprocessing, stem: Path, method: str,
                         scale: tuple[float, float] | None = None) -> str:
     """The series as RGB Secondary Capture images (`stem`_overlay/0001.dcm, ...: one per source slice, in
@@ -485,9 +497,7 @@ def write_dicom_overlay(vol: Volume, preprocessing: Preprocessing, stem: Path, m
     partial.mkdir(parents=True)
     series_uid = hd.UID()
     for number, (source, scan, values) in enumerate(zip(sources, scans, frames), start=1):
-        orientation = np.asarray([float(v) for v in source.ImageOrientationPatient])
-        axes = np.column_stack([orientation[:3], orientation[3:], np.cross(orientation[:3], orientation[3:])])
-        row_direction, column_direction, _ = hd.spatial.get_closest_patient_orientation(axes)
+        row_direction, column_direction = _patient_orientation(hd, source)
         image = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=source,
             pixel_array=blend_overlay(np.clip((scan - grey_lo) / grey_span, 0, 1), values, scale),
@@ -500,7 +510,7 @@ def write_dicom_overlay(vol: Volume, preprocessing: Preprocessing, stem: Path, m
             instance_number=number,
             manufacturer="scanomaly",
             pixel_spacing=tuple(float(v) for v in source.PixelSpacing),
-            patient_orientation=(row_direction.value, column_direction.value),
+            patient_orientation=(row_direction, column_direction),
             transfer_syntax_uid=ExplicitVRLittleEndian,
             series_description=f"{method} anomaly overlay"[:64],
             manufacturer_model_name=method[:64],
