@@ -12,7 +12,9 @@ mean / max pooling): how much of the gap to PatchCore is the score and how much 
 held-out healthy ones). `--reference` also fits PaDiM and PatchCore (cpu profiles) on the run's
 healthy set and scores the same validation images. `--controls` scores the same variants with healthy(x)
 replaced by the run's generator at its random initialisation and by a 3x3 blur of x: what the scores give
-without a learned translation.
+without a learned translation. `--critic` also ranks the images by the critic's own verdict (minus the mean of its
+patch map), with the critic and the generator of the run's last checkpoint (checkpoint.pt): what the critic knows
+beside what the translation shows.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from scanomaly.methods import _patch_features as pf
 from scanomaly.methods.healthygan import paper_score
 from scanomaly.options import parse_set
 from scanomaly.splits import read_split_manifest
+from scanomaly.training.loop import CHECKPOINT
 
 
 
@@ -75,6 +78,12 @@ def val_aurocs(generator, x: torch.Tensor, y: np.ndarray, dists) -> dict[str, fl
     return out
 
 
+def _generator_of(state: dict, det: HealthyGAN):
+    """The checkpoint's own (not EMA) generator, loaded into det's."""
+    det.generator.load_state_dict(state["modules"]["generator"])
+    return det.generator
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path)
@@ -85,6 +94,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config of a run still training")
     ap.add_argument("--reference", action="store_true")
     ap.add_argument("--controls", action="store_true", help="also score an untrained generator and a blur (no translation)")
+    ap.add_argument("--critic", action="store_true", help="also the verdict of the last checkpoint's critic")
     ap.add_argument("--sigma", type=float, default=4.0, help="blur of the feature map, in pixels of the image")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -127,6 +137,16 @@ def main() -> None:
         results["blur instead of healthy(x)"] = val_aurocs(blur, x, y, dists)
         for name in ("untrained generator", "blur instead of healthy(x)"):
             print(name, " ".join(f"{v:.3f}" for v in results[name].values()), flush=True)
+    if args.critic:
+        state = torch.load(args.run / CHECKPOINT, map_location="cpu", weights_only=False)
+        last = HealthyGAN(det.config, det.preprocessing)
+        last.critic.load_state_dict(state["modules"]["critic"])
+        with torch.no_grad():
+            verdict = -torch.cat([last.critic(x[i : i + 64]).flatten(1).mean(1) for i in range(0, len(x), 64)])
+        results["critic"] = {"step": state.get("step"), "critic's verdict": float(roc_auc_score(y, verdict.numpy())),
+                             **val_aurocs(_generator_of(state, last), x, y, dists)}
+        print(f"last checkpoint (step {state.get('step')}):", " ".join(f"{k} {v:.3f}" for k, v in results["critic"].items()
+                                                                        if k != "step"), flush=True)
     if args.reference:
         for method in ("padim", "patchcore"):
             ref = get_method(method).from_profile("cpu")
