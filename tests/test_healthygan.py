@@ -1,4 +1,5 @@
 import csv
+import os
 import warnings
 
 import numpy as np
@@ -139,6 +140,10 @@ def test_aucp_selection_keeps_best_checkpoint(tmp_path):
     best = max(history, key=lambda h: h["metric"])
     assert det.train_result.best_step == best["step"]
     assert (tmp_path / "best.safetensors").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("best.safetensors", "checkpoint.pt"):  # readable like any other file the run writes, not 0600
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
     assert (tmp_path / "losses.csv").read_text().startswith("step,")
     assert list((tmp_path / "samples").glob("*.png"))
 

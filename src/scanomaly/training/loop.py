@@ -35,12 +35,13 @@ from typing import Callable, ClassVar
 import numpy as np
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .. import distributed
 from ..errors import ScanomalyError, TrainingDiverged
 from ..nn.blocks import EMA
+from ..runs import write_weights
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.safetensors"  # the scoring weights of the best-evaluated checkpoint
@@ -205,9 +206,9 @@ def _atomic_torch_save(obj, path: Path) -> None:
 
 
 def _atomic_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    # runs.write_weights: atomic, and readable like any file this process writes (safetensors' own
+    # save_file leaves it 0600)
+    write_weights({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path)
 
 
 def flat_state(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
