@@ -138,7 +138,7 @@ def main() -> None:
         for name in ("untrained generator", "blur instead of healthy(x)"):
             print(name, " ".join(f"{v:.3f}" for v in results[name].values()), flush=True)
     if args.critic:
-        state = torch.load(args.run / CHECKPOINT, map_location="cpu", weights_only=False)
+        state = torch.load(args.run / CHECKPOINT, map_location="cpu", weights_only=True)
         last = HealthyGAN(det.config, det.preprocessing)
         last.critic.load_state_dict(state["modules"]["critic"])
         with torch.no_grad():
