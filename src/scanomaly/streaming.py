@@ -184,6 +184,12 @@ def heatmap_scale_path(out_csv: Path) -> Path:
     return out_csv.with_name(out_csv.stem + "_heatmap_scale.json")
 
 
+def saved_scale(out_csv: Path) -> tuple[float, float] | None:
+    """The heatmap colour scale a scoring run into `out_csv` saved, or None."""
+    path = heatmap_scale_path(out_csv)
+    return tuple(json.loads(path.read_text())["heatmap_range"]) if path.is_file() else None
+
+
 def _save_scale(path: Path, scale: tuple[float, float]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"heatmap_range": list(scale)}) + "\n")
@@ -270,8 +276,8 @@ def score_stream(
     n_already = len(records) - len(todo)
     scale = heatmap_range
     if heatmap_dir is not None:
-        if scale is None and done and scale_file.is_file():  # resuming: the scale the run started with
-            scale = tuple(json.loads(scale_file.read_text())["heatmap_range"])
+        if scale is None and done:  # resuming: the scale the run started with
+            scale = saved_scale(out_csv)
         if scale is not None:
             _save_scale(scale_file, scale)
 

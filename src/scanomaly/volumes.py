@@ -30,7 +30,6 @@ in 3D Slicer, ITK-SNAP or a PACS viewer. This module takes the per-slice maps ba
 from __future__ import annotations
 
 import csv
-import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from .io import DICOM_SUFFIXES, NIFTI_SUFFIXES, RASTER_SUFFIXES, is_dicom_file, 
 from .metrics import patient_scores
 from .preprocess import Preprocessing, to_unit_range
 from .scores_csv import record_key
-from .streaming import HEATMAP_PERCENTILE, heatmap_scale_path
+from .streaming import HEATMAP_PERCENTILE, saved_scale
 
 VOLUME_DIR = "volumes"
 TOP_K = 3  # k of the top-k mean, as `evaluate --top-k` defaults
@@ -241,9 +240,8 @@ class VolumeOutputs:
         (None: no volumes, or not written)."""
         if not self.volumes:
             return None
-        scale_file = heatmap_scale_path(Path(out_csv))
-        if self.heatmap_range is None and scale_file.is_file():  # nothing scored by this run: the scale it had
-            self.heatmap_range = tuple(json.loads(scale_file.read_text())["heatmap_range"])
+        if self.heatmap_range is None:  # nothing scored by this run: the scale it had
+            self.heatmap_range = saved_scale(Path(out_csv))
         for vol in self.volumes:
             if not self._is_mine(vol):
                 continue

@@ -7,15 +7,15 @@
     GET  /api/roc?source=                   the ROC curve and the labelled scores (threshold slider)
     GET  /api/image/{source}/{row}/{kind}.png[?slice=k]
                                             scan / healthy / heatmap of a row (slice k of its volume)
-
-A row's volume, for the slice scroller: the slices of its NIfTI file by index, or the DICOM series it
-belongs to (the source's single-frame DICOM rows in its folder with its SeriesInstanceUID), ordered along
-the slice normal as `volumes.find_volumes` orders them for the Parametric Map.
     POST /api/score?source=&filename=       the request body is an image file: its score and pictures
 
 Uploads are capped at `max_upload_bytes` (413 past it, before or while reading), written under the
 viewer's own working folder only (a random name, the suffix taken from a fixed list), read with
 `io.read_image` (415 with the reader's reason when it is not an image) and deleted after scoring.
+
+A row's volume, for the slice scroller: the slices of its NIfTI file by index, or the DICOM series it
+belongs to (the source's single-frame DICOM rows in its folder with its SeriesInstanceUID), ordered along
+the slice normal as `volumes.find_volumes` orders them for the Parametric Map.
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ The map's colours use one scale per source: the run's `<scores>_heatmap_scale.js
 from __future__ import annotations
 
 import io
-import json
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -21,7 +20,7 @@ from PIL import Image
 
 from ..io import read_image
 from ..preprocess import Preprocessing, to_unit_range
-from ..streaming import HEATMAP_PERCENTILE, heatmap_scale_path
+from ..streaming import HEATMAP_PERCENTILE, saved_scale
 
 DEFAULT_PREPROCESSING = Preprocessing(image_size=256)
 COLORMAP = "inferno"
@@ -95,11 +94,8 @@ class Renderer:
     def scale_for(self, source, maps: np.ndarray) -> tuple[float, float]:
         with self._lock:
             if source.id not in self._scales:
-                saved = heatmap_scale_path(source.csv)
-                if saved.is_file():
-                    self._scales[source.id] = tuple(json.loads(saved.read_text())["heatmap_range"])
-                else:
-                    self._scales[source.id] = (float(maps.min()), float(np.percentile(maps, HEATMAP_PERCENTILE)))
+                self._scales[source.id] = (saved_scale(source.csv)
+                                           or (float(maps.min()), float(np.percentile(maps, HEATMAP_PERCENTILE))))
             return self._scales[source.id]
 
     def images(self, source, path: str, index: int | None) -> dict:
