@@ -49,14 +49,20 @@ from ._gan import GANDetector
 # ---------------------------------------------------------------------------------------------
 # networks
 # ---------------------------------------------------------------------------------------------
+UPSAMPLING = ("transposed", "nearest")
+
+
 class MaskedTranslator(nn.Module):
     """StarGAN-style generator without biases: 7x7 stem, two stride-2 downs, residual blocks,
-    two stride-2 ups, 7x7 head to C+1 channels: C for the translation T, 1 for the mask M."""
+    two ups, 7x7 head to C+1 channels: C for the translation T, 1 for the mask M. The ups are the
+    original's 4x4 stride-2 transposed convolutions, or (upsample="nearest") a nearest-neighbour x2
+    then a 3x3 convolution: transposed convolutions make even and odd columns with different taps,
+    and the mask loss's zero-one term turns that parity into 0/1 stripes (docs/experiments.md)."""
 
-    def __init__(
-        self, channels: int = 1, width: int = 64, residual_blocks: int = 6
-    ):
+    def __init__(self, channels: int = 1, width: int = 64, residual_blocks: int = 6, upsample: str = "transposed"):
         super().__init__()
+        if upsample not in UPSAMPLING:
+            raise ScanomalyError(f"upsample must be one of {UPSAMPLING}, got {upsample!r}")
         w = width
         layers: list[nn.Module] = [
             nn.Conv2d(channels, w, 7, 1, 3, bias=False),
@@ -68,8 +74,11 @@ class MaskedTranslator(nn.Module):
             w *= 2
         layers += [ResidualBlock(w) for _ in range(residual_blocks)]
         for _ in range(2):
-            layers += [nn.ConvTranspose2d(w, w // 2, 4, 2, 1, bias=False), nn.InstanceNorm2d(w // 2, affine=True),
-                       nn.ReLU(inplace=True)]
+            if upsample == "transposed":  # the original's
+                up = [nn.ConvTranspose2d(w, w // 2, 4, 2, 1, bias=False)]
+            else:  # even and odd output pixels made by the same taps: no parity pattern for the mask to binarise
+                up = [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(w, w // 2, 3, 1, 1, bias=False)]
+            layers += [*up, nn.InstanceNorm2d(w // 2, affine=True), nn.ReLU(inplace=True)]
             w //= 2
         layers.append(nn.Conv2d(w, channels + 1, 7, 1, 3, bias=False))
         self.net = nn.Sequential(*layers)
@@ -125,21 +134,45 @@ def paper_score(x: torch.Tensor, healthy: torch.Tensor) -> torch.Tensor:
     return anomaly_map(x, healthy).flatten(1).mean(1) / 2
 
 
-class HealthyScorer(nn.Module):
-    """Scoring as one forward pass: x -> (healthy(x), paper score), or with a feature distance
-    x -> (healthy(x), feature score, feature heatmap). What the detector scores with (and AUCp
-    during training), and what `scanomaly export` writes to ONNX (backbone included)."""
+class CriticDeficit(nn.Module):
+    """The critic's verdict as "what had to change": how far below healthy scans' verdict a scan falls,
+    patch by patch. The critic is trained towards 1-Lipschitz (the gradient penalty), so a scan whose
+    mean verdict is Δ below B's must change by about Δ or more (L2, in pixels) to pass as healthy.
+    `reference` is the mean patch map of the training set B: positions where healthy scans always get
+    a low verdict (the image border) are not anomalies. x -> (score = mean deficit, heatmap = the
+    deficit map bilinearly upsampled to the image)."""
 
-    def __init__(self, generator: MaskedTranslator, feature_distance: pf.FeatureDistance | None = None):
+    def __init__(self, critic: PatchCritic, reference: torch.Tensor):
+        super().__init__()
+        self.critic = critic
+        self.register_buffer("reference", reference)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        deficit = self.reference - self.critic(x)
+        heatmap = nn.functional.interpolate(deficit, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return deficit.flatten(1).mean(1), heatmap[:, 0]
+
+
+class HealthyScorer(nn.Module):
+    """Scoring as one forward pass: x -> (healthy(x), paper score), or with a feature distance or the
+    critic's deficit x -> (healthy(x), score, heatmap). What the detector scores with (and AUCp
+    during training), and what `scanomaly export` writes to ONNX (backbone or critic included)."""
+
+    def __init__(self, generator: MaskedTranslator, feature_distance: pf.FeatureDistance | None = None,
+                 critic_deficit: CriticDeficit | None = None):
         super().__init__()
         self.generator = generator
         self.feature_distance = feature_distance
+        self.critic_deficit = critic_deficit
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         healthy = self.generator(x)[0].float()  # float: under bf16 autocast the score is still float32
-        if self.feature_distance is None:
+        if self.critic_deficit is not None:
+            scores, heatmap = self.critic_deficit(x)
+        elif self.feature_distance is not None:
+            scores, heatmap = self.feature_distance(x, healthy)
+        else:
             return healthy, paper_score(x, healthy)
-        scores, heatmap = self.feature_distance(x, healthy)
         return healthy, scores.float(), heatmap.float()
 
 
@@ -216,8 +249,9 @@ class HealthyGANConfig(LoopConfig):
     selection: str = "aucp"  # "aucp": keep the checkpoint with the best pseudo-AUC; "last": the final one
     holdout_fraction: float = 0.1  # of B (when no holdout set is given) and of A, held out of training for AUCp
     aucp_pool: int = 256  # at most this many held-out unlabeled images are scored for AUCp
-    # the anomaly score: "pixel" (the paper's mean |x − healthy(x)|) or "features" (FeatureDistance
-    # of x and healthy(x) on a frozen backbone: ImageNet weights from the `pretrained` extra)
+    # the anomaly score: "pixel" (the paper's mean |x − healthy(x)|), "features" (FeatureDistance of x
+    # and healthy(x) on a frozen backbone: ImageNet weights from the `pretrained` extra) or "critic" (the
+    # critic's deficit against healthy scans, CriticDeficit: the critic is then saved with the model)
     score: str = "pixel"
     score_backbone: str = "efficientnet_lite0"
     score_backbone_weights: str | None = "imagenet"
@@ -228,12 +262,15 @@ class HealthyGANConfig(LoopConfig):
     # the generator: "stargan" (the paper's) or "lite0" (frozen EfficientNet-Lite0 encoder, light
     # upsample + conv decoder: nn/pretrained_translator.py); width and residual_blocks size its decoder
     generator: str = "stargan"
+    upsample: str = "transposed"  # the StarGAN generator's ups: "transposed" (the original's) or "nearest"
     encoder_weights: str | None = "imagenet"
     # the rest of the loop's settings (batch_size 16, lr_decay_fraction 0.25, ema_decay 0.999: the EMA generator
     # scores, hflip, seed, keep_snapshots) keep LoopConfig's defaults
 
-    retired_options: ClassVar[dict] = {**LoopConfig.retired_options, "mask_offset": 0.0, "upsample": "transposed",
-                                       "critic_final_size": 4}
+    retired_options: ClassVar[dict] = {**LoopConfig.retired_options, "mask_offset": 0.0, "critic_final_size": 4}
+
+
+SCORES = ("pixel", "features", "critic")
 
 
 @register
@@ -301,11 +338,11 @@ class HealthyGAN(GANDetector):
         c, p = self.config, self.preprocessing
         if c.selection not in ("aucp", "last"):
             raise ScanomalyError(f"selection must be 'aucp' or 'last', got {c.selection!r}")
-        if c.score not in ("pixel", "features"):
-            raise ScanomalyError(f"score must be 'pixel' or 'features', got {c.score!r}")
+        if c.score not in SCORES:
+            raise ScanomalyError(f"score must be one of {SCORES}, got {c.score!r}")
         torch.manual_seed(c.seed)  # the initial weights are part of the seeded run
         if c.generator == "stargan":
-            self.generator = MaskedTranslator(p.channels, c.width, c.residual_blocks)
+            self.generator = MaskedTranslator(p.channels, c.width, c.residual_blocks, c.upsample)
         elif c.generator == "lite0":
             encoder = pf.build_extractor("efficientnet_lite0", c.encoder_weights, ENCODER_STAGES, torch.device("cpu"))
             self.generator = PretrainedMaskedTranslator(encoder, p.channels, c.width, c.residual_blocks)
@@ -314,6 +351,9 @@ class HealthyGAN(GANDetector):
         self.generator = self.generator.to(self.device)
         self.critic = PatchCritic(p.channels, p.image_size, c.critic_width, c.critic_max_width).to(self.device)
         self.feature_distance = self._feature_distance() if c.score == "features" else None
+        if c.score == "critic":  # the critic scores too, so it is part of the saved model
+            self.scoring_networks = ("generator", "critic")
+            self.critic_reference = torch.zeros_like(self._critic_map(self.critic, torch.zeros(1, p.channels, p.image_size, p.image_size, device=self.device)))
 
     @property
     def scoring_generator(self) -> MaskedTranslator:
@@ -345,44 +385,71 @@ class HealthyGAN(GANDetector):
             x_a, pool = _split_off(x_a, c.holdout_fraction, c.seed)
             pool = pool[: c.aucp_pool]
             _warn_if_aucp_is_coarse(len(x_hold), len(pool))
-            evaluate = lambda mods: self._aucp(mods["generator"], x_hold, pool)  # noqa: E731
+            evaluate = lambda mods: self._aucp(mods, x_hold, pool)  # noqa: E731
 
         task = HealthyGANTask(self.generator, self.critic, c)
         self.train_result = self._train(task, {"a": x_a, "b": x_b}, work_dir, progress, evaluate=evaluate,
                                         sample_batch={"a": x_a[:8]})
         best = self.train_result.best_state
         if evaluate is not None and best is not None:  # AUCp's choice, handed back in memory by the trainer
-            self.scoring_generator.load_state_dict(
-                {k[len("generator."):]: v for k, v in best.items() if k.startswith("generator.")})
-        self.scoring_generator.eval()
+            for name in self.scoring_networks:
+                self.scoring[name].load_state_dict(
+                    {k[len(name) + 1:]: v for k, v in best.items() if k.startswith(name + ".")})
+        self._ready_to_score()
+        if c.score == "critic":
+            self.critic_reference = self._critic_reference(x_b)
         return self
 
     @torch.no_grad()
-    def _aucp(self, generator, healthy_holdout, unlabeled_pool) -> float:
+    def _critic_map(self, critic, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """The critic's mean patch map over `images`: [1, 1, f, f]."""
+        maps = [critic(images[i : i + batch_size].to(self.device)).float().sum(0, keepdim=True)
+                for i in range(0, len(images), batch_size)]
+        return torch.stack(maps).sum(0) / len(images)
+
+    def _critic_reference(self, healthy: torch.Tensor) -> torch.Tensor:
+        return self._critic_map(self.scoring["critic"], healthy)
+
+    @torch.no_grad()
+    def _aucp(self, networks, healthy_holdout, unlabeled_pool) -> float:
         """Pseudo-AUC: held-out healthy as 0, the unlabeled pool as 1. No labels needed."""
-        s0 = self._scores_with(generator, healthy_holdout)
-        s1 = self._scores_with(generator, unlabeled_pool)
+        s0 = self._scores_with(networks, healthy_holdout)
+        s1 = self._scores_with(networks, unlabeled_pool)
         y = np.r_[np.zeros(len(s0)), np.ones(len(s1))]
         return float(roc_auc_score(y, np.r_[s0, s1]))
 
     # -- score ----------------------------------------------------------------------------------
-    def _scores_with(self, generator, images, batch_size=64) -> np.ndarray:
-        scorer = HealthyScorer(generator, self.feature_distance)
+    def _scores_with(self, networks, images, batch_size=64) -> np.ndarray:
+        # during training the critic's reference is not known yet: it shifts every score alike, so a
+        # zero reference ranks the same
+        scorer = self._scorer(networks, torch.zeros_like(self.critic_reference) if self.config.score == "critic" else None)
         out = [self._run_scoring(scorer, images[i : i + batch_size])[1].cpu() for i in range(0, len(images), batch_size)]
         return torch.cat(out).numpy()
 
     def scoring_network(self) -> HealthyScorer:
-        return HealthyScorer(self.scoring_generator, self.feature_distance)
+        return self._scorer(self.scoring, getattr(self, "critic_reference", None))
 
-    # -- persistence (GANDetector): the scoring generator is the model; the critic is only needed to train.
-    # A pretrained scoring backbone is reloaded from its package; a random one is saved with the model.
+    def _scorer(self, networks, critic_reference) -> HealthyScorer:
+        deficit = None if critic_reference is None else CriticDeficit(networks["critic"], critic_reference)
+        return HealthyScorer(networks["generator"], self.feature_distance, deficit)
+
+    # -- persistence (GANDetector): the scoring generator is the model, with the critic and its reference
+    # when the critic scores (otherwise the critic is only needed to train). A pretrained scoring
+    # backbone is reloaded from its package; a random one is saved with the model.
     def state_tensors(self):
         tensors = super().state_tensors()
         if self.feature_distance is not None:
             tensors.update(pf.backbone_state(self.feature_distance.extractor, self.config.score_backbone_weights))
+        if self.config.score == "critic":
+            tensors[CRITIC_REFERENCE] = self.critic_reference
         return tensors
 
     def load_state_tensors(self, tensors):
+        if self.config.score == "critic":
+            tensors = dict(tensors)
+            if CRITIC_REFERENCE not in tensors:
+                raise ScanomalyError("this model scores with its critic but was saved without the critic's reference")
+            self.critic_reference = tensors.pop(CRITIC_REFERENCE).to(self.device)
         super().load_state_tensors(tensors)
         if self.feature_distance is not None:
             pf.load_backbone_state(self.feature_distance.extractor, self.config.score_backbone_weights, tensors)
@@ -394,6 +461,9 @@ class HealthyGAN(GANDetector):
         # without AUCp (selection=last, or nothing held out) the model is the final iteration's
         selected = r.best_step if r.best_step is not None else r.steps
         return {"trained_steps": r.steps, "selected_step": selected, "aucp": r.best_metric, "aucp_history": r.history}
+
+
+CRITIC_REFERENCE = "critic_reference"  # its name among the saved tensors
 
 
 # Below this many held-out images per side, AUCp moves in steps of several hundredths from one
