@@ -13,6 +13,9 @@ unlabeled set A and a known-healthy set B; the anomaly is what had to change.
             (option score="features": the cosine distance between frozen ImageNet features of x and of
             healthy(x), per position over two or three backbone stages, upsampled and blurred as in
             PaDiM / PatchCore; its mean (or max) is the score, the map is the heatmap)
+            (option score="critic": the critic's deficit, its mean verdict on B minus its verdict on x,
+            patch by patch; with a critic near 1-Lipschitz it is a lower bound on how much x must change
+            to pass as healthy; the deficit map, upsampled, is the heatmap; the critic is saved with the model)
     option generator="lite0": a frozen EfficientNet-Lite0 encoder under a light upsample + conv decoder
             (nn/pretrained_translator.py) in place of the StarGAN generator; same heads, blend and losses
 
