@@ -78,6 +78,22 @@ def blobs(n: int, size: int = 32, seed: int = 0, lesion: bool = False) -> torch.
     return base
 
 
+def assert_onnx_parity(det, path: Path, atol: float = 1e-4) -> None:
+    """`det` exported to ONNX scores and maps unseen images as PyTorch does (batch size other than the export's)."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from scanomaly.export import OnnxScorer, export_onnx
+
+    result = export_onnx(det, path)
+    assert result.max_score_difference < atol
+    x = blobs(7, seed=9)
+    scores, maps = det.score(x)
+    o_scores, o_maps = OnnxScorer(result.path).score(x, batch_size=3)
+    np.testing.assert_allclose(o_scores, scores, rtol=0, atol=atol)
+    np.testing.assert_allclose(o_maps, maps, rtol=0, atol=atol)
+    assert np.ptp(scores) > 0
+
+
 # ------------------------------------------------------------------------------------------
 # the fake method of the tests: register it (or a subclass) where a test module needs one
 # ------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from scanomaly.detector import Detector
 from scanomaly.errors import ScanomalyError
 from scanomaly.methods.healthygan import CriticDeficit, HealthyGAN, HealthyScorer, MaskedTranslator, PatchCritic
 
-from conftest import blobs
+from conftest import assert_onnx_parity, blobs
 
 
 def critic_detector(**overrides) -> HealthyGAN:
@@ -93,18 +93,8 @@ def test_a_critic_model_without_its_reference_is_refused(tmp_path):
 
 
 def test_critic_onnx_export_has_score_and_heatmap_parity(tmp_path):
-    pytest.importorskip("onnx")
-    pytest.importorskip("onnxruntime")
-    from scanomaly.export import OnnxScorer, export_onnx
-
     det = critic_detector().fit(blobs(8, seed=1), blobs(8, seed=2), progress=False)
-    result = export_onnx(det, tmp_path / "model.onnx")
-    assert result.max_score_difference < 1e-4
-    x = blobs(7, seed=9)
-    scores, maps = det.score(x)
-    o_scores, o_maps = OnnxScorer(result.path).score(x, batch_size=3)
-    np.testing.assert_allclose(o_scores, scores, rtol=0, atol=1e-4)
-    np.testing.assert_allclose(o_maps, maps, rtol=0, atol=1e-4)
+    assert_onnx_parity(det, tmp_path / "model.onnx")
 
 
 def test_pixel_and_feature_scores_do_not_save_the_critic():

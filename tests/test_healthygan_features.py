@@ -12,7 +12,7 @@ from scanomaly.detector import Detector
 from scanomaly.methods import _patch_features as pf
 from scanomaly.methods.healthygan import HealthyGAN, HealthyScorer, MaskedTranslator, paper_score
 
-from conftest import blobs
+from conftest import assert_onnx_parity, blobs
 
 
 def pretrained_distance(**kwargs) -> pf.FeatureDistance:
@@ -102,19 +102,8 @@ def test_save_load_gives_identical_feature_scores_with_a_random_backbone(tmp_pat
 
 
 def test_features_onnx_export_has_score_and_heatmap_parity(tmp_path):
-    pytest.importorskip("onnx")
-    pytest.importorskip("onnxruntime")
-    from scanomaly.export import OnnxScorer, export_onnx
-
     det = features_detector(score_input_size=64).fit(blobs(8, seed=1), blobs(8, seed=2), progress=False)
-    result = export_onnx(det, tmp_path / "model.onnx")
-    assert result.max_score_difference < 1e-4
-    x = blobs(7, seed=9)
-    scores, maps = det.score(x)
-    o_scores, o_maps = OnnxScorer(result.path).score(x, batch_size=3)
-    np.testing.assert_allclose(o_scores, scores, rtol=0, atol=1e-4)
-    np.testing.assert_allclose(o_maps, maps, rtol=0, atol=1e-4)
-    assert np.ptp(scores) > 0
+    assert_onnx_parity(det, tmp_path / "model.onnx")
 
 
 def test_paper_profile_keeps_the_original_networks_and_the_pixel_score():
