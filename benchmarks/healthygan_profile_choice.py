@@ -123,7 +123,7 @@ def evaluate_run(run: Path, heatmaps: bool = False) -> dict:
 
     picks = {}
     for score in CANDIDATES:
-        best = max(rows, key=lambda r: (r[f"aucp {score}"], r["step"]))  # ties: the later checkpoint, as the loop
+        best = max(rows, key=lambda r: (r[f"aucp {score}"], -r["step"]))  # ties: the earlier one, as the loop
         picks[score] = {"step": best["step"], "val": best[f"val {score}"],
                         "val pixel auroc": best.get(f"val pixel auroc {score}"),
                         "mean M": best["mean M"], "neighbour-column corr": best["neighbour-column corr"]}
