@@ -22,7 +22,7 @@ from .splits import read_split_manifest
 from .streaming import HEATMAP_PERCENTILE
 from .viz import save_heatmap_panel
 
-DEMO_ITERATIONS = 300  # ~3 minutes on 2 cores at 64 px; the full cpu profile runs 2800
+DEMO_ITERATIONS = 300  # ~5 minutes on 2 cores at 64 px; the full cpu profile runs 1000
 
 
 def demo_data_dir() -> Path:
