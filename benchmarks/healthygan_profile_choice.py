@@ -16,7 +16,10 @@ validation step. Nothing here touches a test split.
 
 --heatmaps (after the choice; not part of it): on data with lesion masks, other maps of the critic at the
 critic's pick, for what to try next: the gradient of the deficit (|d deficit / dx|, blurred), the deficit
-map computed on shifted copies of the scan (a 4x finer grid), and |x − healthy(x)| weighted by the deficit.
+map computed on shifted copies of the scan (a 4x finer grid), the critic's verdict without B's reference map
+(negated), |x − healthy(x)| weighted by the deficit, the drop of the deficit when a 12 px square is replaced
+by B's mean image (occlusion, stride 4), and, as the reference every map should beat, the scan's own
+intensity (FLAIR lesions are bright).
 """
 
 from __future__ import annotations
@@ -61,8 +64,22 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return nn.functional.conv2d(nn.functional.pad(m, (0, 0, r, r), mode="replicate"), k[..., :, None])[:, 0]
 
 
-def other_critic_maps(generator, deficit: CriticDeficit, x: torch.Tensor) -> dict[str, np.ndarray]:
-    out = {}
+def occlusion_map(deficit: CriticDeficit, x: torch.Tensor, fill: torch.Tensor, size: int = 12,
+                  stride: int = 4) -> torch.Tensor:
+    """Per pixel: the mean drop of the scan's deficit over the squares that, replaced by `fill`, cover it."""
+    s = x.shape[-1]
+    base, acc, count = deficit(x)[0], torch.zeros(len(x), s, s), torch.zeros(s, s)
+    for y0 in range(0, s - size + 1, stride):
+        for x0 in range(0, s - size + 1, stride):
+            occluded = x.clone()
+            occluded[..., y0 : y0 + size, x0 : x0 + size] = fill[..., y0 : y0 + size, x0 : x0 + size]
+            acc[:, y0 : y0 + size, x0 : x0 + size] += (base - deficit(occluded)[0])[:, None, None]
+            count[y0 : y0 + size, x0 : x0 + size] += 1
+    return acc / count.clamp(min=1)
+
+
+def other_critic_maps(generator, deficit: CriticDeficit, x: torch.Tensor, b: torch.Tensor) -> dict[str, np.ndarray]:
+    out = {"the scan's own intensity (no model)": x.mean(1).numpy()}
     xg = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(deficit(xg)[0].sum(), xg)
     out["gradient of the deficit, blurred (sigma 2)"] = gaussian_blur(grad.abs().mean(1), 2.0).numpy()
@@ -77,7 +94,11 @@ def other_critic_maps(generator, deficit: CriticDeficit, x: torch.Tensor) -> dic
                 n += 1
         out["deficit on 16 shifted copies"] = (acc / n).numpy()
         healthy = torch.cat([generator(x[i : i + 64])[0] for i in range(0, len(x), 64)])
+        verdict = deficit.critic(x)
+        out["the critic's verdict alone, negated"] = -nn.functional.interpolate(
+            verdict, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0].numpy()
         out["|x - h| x deficit"] = ((x - healthy).abs().mean(1) * deficit(x)[1].clamp(min=0)).numpy()
+        out["occlusion by B's mean image"] = occlusion_map(deficit, x, b.mean(0, keepdim=True)).numpy()
     return out
 
 
@@ -134,7 +155,8 @@ def evaluate_run(run: Path, heatmaps: bool = False) -> dict:
             net.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
         deficit = CriticDeficit(critic, det._critic_map(critic, b))
         picks["critic"]["other maps"] = {name: pixel_auroc(m, lesions, head)
-                                         for name, m in other_critic_maps(generator, deficit, x).items()}
+                                         for name, m in other_critic_maps(generator, deficit, x, b).items()}
+        print(run.name, "critic's pick, B's mean verdict per patch:", deficit.reference[0, 0].numpy().round(2).tolist())
         print(run.name, "critic's pick, pixel AUROC (head) of other maps:", picks["critic"]["other maps"], flush=True)
     saved = json.loads((run / "model" / "model.json").read_text()).get("extra", {})
     return {"run": run.name,
