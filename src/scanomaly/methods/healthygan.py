@@ -27,7 +27,7 @@ authors' pseudo-AUC of held-out healthy scans against the unlabeled pool). The c
 histogram-equalises every scan, so that exposure differences do not pass for disease at 64 px,
 weights the identity term 5x and the mask term 10x (the paper: 1 and 0.1; at 0.1 the masks came to
 cover the whole image), upsamples by nearest resizing and scores with the critic's deficit
-(BENCHMARKS.md, "choosing the next cpu profile").
+(BENCHMARKS.md, "choosing the cpu profile").
 """
 
 from __future__ import annotations
@@ -295,7 +295,7 @@ class HealthyGAN(GANDetector):
         # histogram equalisation of every scan, lr 3e-4, the paper's 2 critic steps per generator step, and the
         # original's masks (0.5 at initialisation) with a 5x identity weight on B, which anchors the translation.
         # Then, chosen by a rule written before the runs, on validation across four data sets (BENCHMARKS.md,
-        # "choosing the next cpu profile"; 2026-12-03): nearest upsampling (transposed convolutions drew the masks
+        # "choosing the cpu profile"; 2026-12-03): nearest upsampling (transposed convolutions drew the masks
         # as 0/1 stripes, column by column), a mask weight of 1 (at 0.1, masks covering the whole image were the
         # losses' cheapest solution: reconstruction is free where M = 1), the critic's deficit as the score (it
         # ranks scans better than the change of the translation it trained) and 1,000 iterations. AUCp picks the
