@@ -43,7 +43,7 @@ from sklearn.metrics import roc_auc_score
 
 from ..detector import anomaly_map, as_tensor, register
 from ..errors import ScanomalyError
-from ..nn.blocks import ResidualBlock, gradient_penalty, num_halvings
+from ..nn.blocks import ResidualBlock, augment_policy, diff_augment, gradient_penalty, num_halvings
 from ..nn.pretrained_translator import ENCODER_STAGES, PretrainedMaskedTranslator
 from ..training.loop import GANTask, LoopConfig, Phase
 from . import _patch_features as pf
@@ -188,6 +188,7 @@ class HealthyGANTask(GANTask):
 
     def __init__(self, generator: MaskedTranslator, critic: PatchCritic, cfg: "HealthyGANConfig"):
         self.generator, self.critic, self.cfg = generator, critic, cfg
+        self.augment = augment_policy(cfg.critic_augment)
         self._optimizers = {
             "generator": torch.optim.Adam(generator.parameters(), lr=cfg.lr, betas=tuple(cfg.betas)),
             "critic": torch.optim.Adam(critic.parameters(), lr=cfg.lr, betas=tuple(cfg.betas)),
@@ -207,17 +208,19 @@ class HealthyGANTask(GANTask):
 
     def loss(self, phase, batch):
         x_a, x_b, cfg = batch["a"], batch["b"], self.cfg
+        augment = lambda x: diff_augment(x, self.augment)  # noqa: E731  (the critic never sees a scan as it is)
         if phase == "critic":
             with torch.no_grad():
                 fake = self.generator(x_a)[0]
-            d_real, d_fake = self.critic(x_b).mean(), self.critic(fake).mean()
-            gp = gradient_penalty(self.critic, x_b, fake)
+            real, fake = augment(x_b), augment(fake)
+            d_real, d_fake = self.critic(real).mean(), self.critic(fake).mean()
+            gp = gradient_penalty(self.critic, real, fake)
             loss = -d_real + d_fake + cfg.lambda_gp * gp
             return loss, {"D/wasserstein": (d_real - d_fake).item(), "D/gp": gp.item()}
 
         healthy_a, t_a, m_a = self.generator(x_a)
         healthy_b, t_b, m_b = self.generator(x_b)
-        adv = -self.critic(healthy_a).mean() - self.critic(healthy_b).mean()
+        adv = -self.critic(augment(healthy_a)).mean() - self.critic(augment(healthy_b)).mean()
         idt = identity_loss(x_b, t_b)
         rec = reconstruction_loss(x_a, t_a, m_a)
         msk = (mask_loss(m_a) + mask_loss(m_b)) / 2
@@ -268,6 +271,9 @@ class HealthyGANConfig(LoopConfig):
     generator: str = "stargan"
     upsample: str = "transposed"  # the StarGAN generator's ups: "transposed" (the original's) or "nearest"
     encoder_weights: str | None = "imagenet"
+    # DiffAugment on everything the critic sees in training (nn.blocks.diff_augment): "" (the paper: none) or
+    # a comma-separated policy, "translation,cutout"; against a critic that memorises a small B
+    critic_augment: str = ""
     # the rest of the loop's settings (batch_size 16, lr_decay_fraction 0.25, ema_decay 0.999: the EMA generator
     # scores, hflip, seed, keep_snapshots) keep LoopConfig's defaults
 
@@ -343,6 +349,7 @@ class HealthyGAN(GANDetector):
             raise ScanomalyError(f"selection must be 'aucp' or 'last', got {c.selection!r}")
         if c.score not in SCORES:
             raise ScanomalyError(f"score must be one of {SCORES}, got {c.score!r}")
+        augment_policy(c.critic_augment)  # an unknown name fails here, not at the first step
         torch.manual_seed(c.seed)  # the initial weights are part of the seeded run
         if c.generator == "stargan":
             self.generator = MaskedTranslator(p.channels, c.width, c.residual_blocks, c.upsample)
