@@ -1,4 +1,5 @@
 import csv
+import functools
 import os
 import warnings
 
@@ -210,9 +211,11 @@ def _weights(det):
     }
 
 
-def test_kill_and_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("policy", ["", "translation,cutout"])  # the critic's augmentation draws from the saved RNG too
+def test_kill_and_resume_equals_uninterrupted_run(tmp_path, monkeypatch, policy):
     xb, xa = blobs(20, seed=1), blobs(20, seed=2)
-    full = tiny(selection="last").fit(xb, xa, work_dir=tmp_path / "full", progress=False)
+    run = functools.partial(tiny, critic_augment=policy)
+    full = run(selection="last").fit(xb, xa, work_dir=tmp_path / "full", progress=False)
 
     # a run "killed" by an exception in the middle of iteration 21, after the checkpoint at 15
     calls = {"n": 0}
@@ -226,12 +229,12 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(HealthyGANTask, "loss", dying_loss)
     with pytest.raises(KeyboardInterrupt):
-        tiny(selection="last").fit(xb, xa, work_dir=tmp_path / "killed", progress=False)
+        run(selection="last").fit(xb, xa, work_dir=tmp_path / "killed", progress=False)
     monkeypatch.setattr(HealthyGANTask, "loss", original)
 
     state = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
     assert state["step"] == 15
-    resumed = tiny(selection="last").fit(xb, xa, work_dir=tmp_path / "killed", progress=False)
+    resumed = run(selection="last").fit(xb, xa, work_dir=tmp_path / "killed", progress=False)
     assert resumed.train_result.steps == 30
     a, b = _weights(full), _weights(resumed)
     for k in a:

@@ -5,6 +5,8 @@ scores; and the StarGAN generator's `upsample=nearest`."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -149,3 +151,28 @@ def test_cpu_profile_upsamples_by_nearest_and_scores_with_the_critic():
     det.fit(blobs(8, seed=1), blobs(8, seed=2), progress=False)
     assert any(k.startswith("critic") for k in det.state_tensors())
     assert det.scoring_network().critic_deficit is not None
+
+
+@pytest.mark.filterwarnings("ignore:AUCp checkpoint selection")
+def test_fit_reports_how_far_the_critic_tells_b_from_held_out_healthy_scans(monkeypatch):
+    """Label-free memorisation check: the AUROC of the saved model's scores, B (0) against the hold-out (1), kept in
+    the model's extra state, with a warning at or above CRITIC_MEMORISATION_WARN."""
+    from sklearn.metrics import roc_auc_score
+
+    import scanomaly.methods.healthygan as hg
+
+    xb, xa, hold = blobs(12, seed=1), blobs(12, seed=2), blobs(6, seed=3)
+    monkeypatch.setattr(hg, "CRITIC_MEMORISATION_WARN", 0.0)  # every value warns
+    det = critic_detector(selection="aucp", iterations=6, checkpoint_every=3)
+    with pytest.warns(UserWarning, match="learned B itself"):
+        det.fit(xb, xa, holdout=hold, progress=False)
+    s_b, s_hold = det.score(xb)[0], det.score(hold)[0]
+    expected = roc_auc_score(np.r_[np.zeros(len(s_b)), np.ones(len(s_hold))], np.r_[s_b, s_hold])
+    assert det.extra_state()["critic_b_vs_holdout_auroc"] == pytest.approx(expected)
+
+    monkeypatch.setattr(hg, "CRITIC_MEMORISATION_WARN", 1.01)  # none does
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*learned B itself")
+        critic_detector(selection="aucp", iterations=6, checkpoint_every=3).fit(xb, xa, holdout=hold, progress=False)
+    pixel = HealthyGAN.from_profile("tiny", {"selection": "aucp", "iterations": 6, "checkpoint_every": 3})
+    assert pixel.fit(xb, xa, holdout=hold, progress=False).extra_state()["critic_b_vs_holdout_auroc"] is None

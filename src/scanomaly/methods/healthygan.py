@@ -361,6 +361,7 @@ class HealthyGAN(GANDetector):
         self.generator = self.generator.to(self.device)
         self.critic = PatchCritic(p.channels, p.image_size, c.critic_width, c.critic_max_width).to(self.device)
         self.feature_distance = self._feature_distance() if c.score == "features" else None
+        self.critic_memorisation: float | None = None  # set by fit when the critic scores and healthy scans were held out
         if c.score == "critic":  # the critic scores too, so it is part of the saved model
             self.scoring_networks = ("generator", "critic")
             self.critic_reference = torch.zeros_like(self._critic_map(self.critic, torch.zeros(1, p.channels, p.image_size, p.image_size, device=self.device)))
@@ -408,7 +409,24 @@ class HealthyGAN(GANDetector):
         self._ready_to_score()
         if c.score == "critic":
             self.critic_reference = self._critic_reference(x_b)
+            if x_hold is not None and len(x_hold):
+                self.critic_memorisation = self._critic_memorisation(x_b, x_hold)
         return self
+
+    def _critic_memorisation(self, x_b: torch.Tensor, x_hold: torch.Tensor) -> float:
+        """AUROC of the scoring critic's deficit, B's training scans (0) against the held-out healthy ones (1):
+        0.5 when unseen healthy scans are judged like B's, towards 1 when the critic has learned B itself, and
+        every scan it has not seen looks unhealthy. Label-free; warns at CRITIC_MEMORISATION_WARN or above."""
+        s_b, s_hold = self._scores_with(self.scoring, x_b), self._scores_with(self.scoring, x_hold)
+        auroc = float(roc_auc_score(np.r_[np.zeros(len(s_b)), np.ones(len(s_hold))], np.r_[s_b, s_hold]))
+        if auroc >= CRITIC_MEMORISATION_WARN:
+            warnings.warn(
+                f"the critic tells its {len(s_b)} healthy training scans from {len(s_hold)} held-out healthy ones "
+                f"(AUROC {auroc:.2f}): it has learned B itself, and unseen healthy scans will score as anomalies. "
+                "Give more healthy scans, or train with critic_augment=translation,cutout.",
+                stacklevel=3,
+            )
+        return auroc
 
     @torch.no_grad()
     def _critic_map(self, critic, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
@@ -470,11 +488,18 @@ class HealthyGAN(GANDetector):
             return {}
         # without AUCp (selection=last, or nothing held out) the model is the final iteration's
         selected = r.best_step if r.best_step is not None else r.steps
-        return {"trained_steps": r.steps, "selected_step": selected, "aucp": r.best_metric, "aucp_history": r.history}
+        return {"trained_steps": r.steps, "selected_step": selected, "aucp": r.best_metric, "aucp_history": r.history,
+                "critic_b_vs_holdout_auroc": self.critic_memorisation}
 
 
 CRITIC_REFERENCE = "critic_reference"  # its name among the saved tensors
 
+
+# The critic's deficit, B's training scans against held-out healthy ones (AUROC), at every checkpoint of the cpu
+# profile's 1,000 iterations on four data sets (docs/experiments.md, section 7): 0.45-0.52 with 603 healthy chest
+# X-rays in B and 0.51-0.61 with 810 lgg_flair slices; 0.67-0.89 with the 31 and 48 of brain_tumor_small and BUSI
+# (0.78-0.83 at AUCp's picks), whose test AUROCs then were 0.74 and 0.54.
+CRITIC_MEMORISATION_WARN = 0.75
 
 # Below this many held-out images per side, AUCp moves in steps of several hundredths from one
 # image's rank and picks checkpoints almost at random (measured on BUSI / brain_tumor_small with
