@@ -80,7 +80,8 @@ def test_the_critic_sees_scans_as_they_are_only_without_a_policy(policy):
     det = HealthyGAN.from_profile("tiny", {"critic_augment": policy, "selection": "last", "iterations": 2})
     task = HealthyGANTask(det.generator, det.critic, det.config)
     seen = []
-    task.critic.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    # the critic's convolutions (what it judges; for the paper's critic, the pixels it is shown)
+    task.critic.net.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
     task.loss("critic", {"a": xa[:4], "b": xb[:4]})
     real = seen[0]  # the critic's first look: the healthy batch
     assert torch.equal(real, xb[:4]) == (policy == "")

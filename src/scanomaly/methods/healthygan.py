@@ -18,6 +18,9 @@ unlabeled set A and a known-healthy set B; the anomaly is what had to change.
             to pass as healthy; the deficit map, upsampled, is the heatmap; the critic is saved with the model)
     option generator="lite0": a frozen EfficientNet-Lite0 encoder under a light upsample + conv decoder
             (nn/pretrained_translator.py) in place of the StarGAN generator; same heads, blend and losses
+    option critic="lite0": the critic's trunk is frozen EfficientNet-Lite0 (stage3 + stage5 at twice the
+            image size, as PatchCore's cpu profile sees it) under a small trained head (nn/pretrained_critic.py);
+            the same WGAN-GP game, the penalty still on pixels
 
 What differs from the official code, and why (measured in BENCHMARKS.md): the learning rate really
 decays linearly to 0 over the last quarter (the official decrement is ~1e-9 per step, i.e. none);
@@ -44,6 +47,7 @@ from sklearn.metrics import roc_auc_score
 from ..detector import anomaly_map, as_tensor, register
 from ..errors import ScanomalyError
 from ..nn.blocks import ResidualBlock, augment_policy, diff_augment, gradient_penalty, num_halvings
+from ..nn.pretrained_critic import CRITIC_STAGES, PretrainedPatchCritic
 from ..nn.pretrained_translator import ENCODER_STAGES, PretrainedMaskedTranslator
 from ..training.loop import GANTask, LoopConfig, Phase
 from . import _patch_features as pf
@@ -110,6 +114,13 @@ class PatchCritic(nn.Module):
             ch_in, ch = ch, min(ch * 2, max_width)
         layers.append(nn.Conv2d(ch_in, 1, 3, 1, 1, bias=False))
         self.net = nn.Sequential(*layers)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """What the trained part judges: the pixels themselves (the pretrained critic's are its trunk's features)."""
+        return x
+
+    def judge(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features)
 
     def forward(self, x):
         return self.net(x)
@@ -212,9 +223,11 @@ class HealthyGANTask(GANTask):
         if phase == "critic":
             with torch.no_grad():
                 fake = self.generator(x_a)[0]
-            real, fake = augment(x_b), augment(fake)
-            d_real, d_fake = self.critic(real).mean(), self.critic(fake).mean()
-            gp = gradient_penalty(self.critic, real, fake)
+                # the gradient penalty holds the critic's trained part to 1-Lipschitz on what it judges: pixels for
+                # the paper's critic, the frozen trunk's features for the pretrained one
+                real, fake = self.critic.features(augment(x_b)), self.critic.features(augment(fake))
+            d_real, d_fake = self.critic.judge(real).mean(), self.critic.judge(fake).mean()
+            gp = gradient_penalty(self.critic.judge, real, fake)
             loss = -d_real + d_fake + cfg.lambda_gp * gp
             return loss, {"D/wasserstein": (d_real - d_fake).item(), "D/gp": gp.item()}
 
@@ -271,6 +284,10 @@ class HealthyGANConfig(LoopConfig):
     generator: str = "stargan"
     upsample: str = "transposed"  # the StarGAN generator's ups: "transposed" (the original's) or "nearest"
     encoder_weights: str | None = "imagenet"
+    # the critic: "patch" (the paper's strided convolutions, critic_width..critic_max_width) or "lite0" (a frozen
+    # EfficientNet-Lite0 trunk under a head of critic_width channels: nn/pretrained_critic.py)
+    critic: str = "patch"
+    critic_weights: str | None = "imagenet"
     # DiffAugment on everything the critic sees in training (nn.blocks.diff_augment): "" (the paper: none) or
     # a comma-separated policy, "translation,cutout"; against a critic that memorises a small B
     critic_augment: str = ""
@@ -359,7 +376,14 @@ class HealthyGAN(GANDetector):
         else:
             raise ScanomalyError(f"generator must be 'stargan' or 'lite0', got {c.generator!r}")
         self.generator = self.generator.to(self.device)
-        self.critic = PatchCritic(p.channels, p.image_size, c.critic_width, c.critic_max_width).to(self.device)
+        if c.critic == "patch":
+            self.critic = PatchCritic(p.channels, p.image_size, c.critic_width, c.critic_max_width)
+        elif c.critic == "lite0":
+            trunk = pf.build_extractor("efficientnet_lite0", c.critic_weights, CRITIC_STAGES, torch.device("cpu"))
+            self.critic = PretrainedPatchCritic(trunk, c.critic_width)
+        else:
+            raise ScanomalyError(f"critic must be 'patch' or 'lite0', got {c.critic!r}")
+        self.critic = self.critic.to(self.device)
         self.feature_distance = self._feature_distance() if c.score == "features" else None
         self.critic_memorisation: float | None = None  # set by fit when the critic scores and healthy scans were held out
         if c.score == "critic":  # the critic scores too, so it is part of the saved model
