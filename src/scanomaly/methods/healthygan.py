@@ -20,7 +20,7 @@ unlabeled set A and a known-healthy set B; the anomaly is what had to change.
             (nn/pretrained_translator.py) in place of the StarGAN generator; same heads, blend and losses
     option critic="lite0": the critic's trunk is frozen EfficientNet-Lite0 (stage3 + stage5 at twice the
             image size, as PatchCore's cpu profile sees it) under a small trained head (nn/pretrained_critic.py);
-            the same WGAN-GP game, the penalty still on pixels
+            the same WGAN-GP game, the penalty on the trunk's features
 
 What differs from the official code, and why (measured in BENCHMARKS.md): the learning rate really
 decays linearly to 0 over the last quarter (the official decrement is ~1e-9 per step, i.e. none);
