@@ -1,7 +1,7 @@
 """HealthyGAN without its unlabeled set: train on B alone (A = B), on VALIDATION data only.
 
     scanomaly train healthygan --from-labeled DATA --profile cpu --seed 0 --out RUN_AB   # A + B, as usual
-    python benchmarks/healthygan_unlabeled_set.py RUN_AB --out RUN_B [--profile cpu] [--seed 0] [--set K=V]
+    python benchmarks/healthygan_unlabeled_set.py RUN_AB --out RUN_B [--profile cpu] [--seed 0] [--set K=V] [--device cuda]
 
 HealthyGAN's claim is that the mixed, unlabeled set A helps: the critic sees A's abnormal scans turned
 healthy and B's real ones, so the generator learns what to change. This trains the same method, profile,
@@ -35,12 +35,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--profile", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as given to RUN_AB's train")
     args = ap.parse_args()
 
     split = read_split_manifest(args.run_ab / "split.csv")
     config, prep = split_options(HealthyGAN, parse_set(args.set))
-    det = HealthyGAN.from_profile(args.profile, {**config, "seed": args.seed}, prep)
+    det = HealthyGAN.from_profile(args.profile, {**config, "seed": args.seed}, prep, device=args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.copy(args.run_ab / "split.csv", args.out / "split.csv")
 

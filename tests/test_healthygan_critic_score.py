@@ -142,14 +142,18 @@ def test_unknown_upsample_and_score_are_clear_errors():
         HealthyGAN.from_profile("tiny", {"score": "critics"})
 
 
-def test_cpu_profile_upsamples_by_nearest_and_scores_with_the_critic():
-    """The cpu profile is the variant the pre-registered choice picked (BENCHMARKS.md): no transposed
-    convolutions (their parity drew striped masks) and the critic's deficit as the score, saved with the model."""
-    small = {"width": 8, "residual_blocks": 1, "critic_max_width": 32, "iterations": 2, "selection": "last"}
+def test_cpu_profile_upsamples_by_nearest_and_scores_with_a_pretrained_critic():
+    """The cpu profile is the variant the pre-registered choices picked (BENCHMARKS.md): no transposed
+    convolutions (their parity drew striped masks), a critic on a frozen EfficientNet-Lite0 trunk, and the
+    critic's deficit as the score, saved with the model."""
+    from scanomaly.nn.pretrained_critic import PretrainedPatchCritic
+
+    small = {"width": 8, "residual_blocks": 1, "critic_weights": "random", "iterations": 2, "selection": "last"}
     det = HealthyGAN.from_profile("cpu", small, {"image_size": 32})
     assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in det.generator.modules())
+    assert isinstance(det.critic, PretrainedPatchCritic)
     det.fit(blobs(8, seed=1), blobs(8, seed=2), progress=False)
-    assert any(k.startswith("critic") for k in det.state_tensors())
+    assert any(k.startswith("critic.head") for k in det.state_tensors())
     assert det.scoring_network().critic_deficit is not None
 
 
