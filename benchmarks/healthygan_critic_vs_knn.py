@@ -1,7 +1,7 @@
 """HealthyGAN: is the critic's map limited by what its frozen trunk sees, or by the trained head? On VALIDATION
 data with lesion masks (lgg_flair); no test image is read.
 
-    python benchmarks/healthygan_critic_vs_knn.py RUN [--bank-fraction 0.25]      # RUN: a critic="lite0" run
+    python benchmarks/healthygan_critic_vs_knn.py RUN [--bank-fraction 1.0]      # RUN: a critic="lite0" run
 
 The critic (`critic="lite0"`) is a frozen EfficientNet-Lite0 trunk under a trained head. This compares, on the
 same trunk features of the same scans (the model's 64 px scans, enlarged x2 as the critic sees them):
@@ -46,7 +46,7 @@ def nearest_patch_distance(query: torch.Tensor, bank: torch.Tensor, chunk: int =
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path)
-    ap.add_argument("--bank-fraction", type=float, default=0.25)
+    ap.add_argument("--bank-fraction", type=float, default=1.0)
     args = ap.parse_args()
     det = Detector.load(args.run / "model")
     split = read_split_manifest(args.run / "split.csv")
