@@ -6,8 +6,9 @@ For every kept snapshot (the EMA generator and the critic of a checkpoint) this 
 computes the generator's loss terms as training does (adversarial, reconstruction on A, mask on A and B, each
 with its weight), and the gradient of each term with respect to A's mask M, per pixel. It prints, per term, the
 mean push on M (minus the gradient: positive means the term wants M larger) and the mean |gradient|, with mean M
-and mean |T − x| on A, and the adversarial push averaged over 8 x 8 blocks (what a smooth mask can follow). Where the adversarial push stays below the mask term's pull, masks shrink to nothing and
-the generator stops translating; the adversarial push on M is −∂D/∂healthy · (T − x), so it vanishes where T ≈ x.
+and mean |T − x| on A, and the adversarial push averaged over 8 x 8 blocks (what a smooth mask can follow).
+Where the adversarial push stays below the mask term's pull, masks shrink to nothing and the generator stops
+translating; the adversarial push on M is −∂D/∂healthy · (T − x), so it vanishes where T ≈ x.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import argparse
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
+from healthygan_profile_choice import load_snapshot
 from scanomaly.data import load_images
 from scanomaly.detector import Detector
 from scanomaly.methods.healthygan import mask_loss, reconstruction_loss
@@ -60,10 +61,7 @@ def main() -> None:
     x_b, x_a = load(split.healthy), load(without_labels(split.unlabeled))
     generator, critic = det.scoring["generator"], det.scoring["critic"]
     for snap in sorted((args.run / "snapshots").glob("step_*.safetensors")):
-        state = load_file(str(snap))
-        for name, net in (("generator", generator), ("critic", critic)):
-            net.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
-            net.eval()
+        load_snapshot(snap, generator, critic)
         row = forces(generator, critic, det.config, x_a, x_b)
         print(snap.stem, "  ".join(f"{k} {v:+.4f}" for k, v in row.items()), flush=True)
 

@@ -102,6 +102,14 @@ def other_critic_maps(generator, deficit: CriticDeficit, x: torch.Tensor, b: tor
     return out
 
 
+def load_snapshot(path: Path, generator: nn.Module, critic: nn.Module) -> None:
+    """A kept checkpoint (the EMA generator and the critic, keys "generator.*" / "critic.*") into the two nets, eval mode."""
+    state = load_file(str(path))
+    for name, net in (("generator", generator), ("critic", critic)):
+        net.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
+        net.eval()
+
+
 def evaluate_run(run: Path, heatmaps: bool = False) -> dict:
     split = read_split_manifest(run / "split.csv")
     det = Detector.load(run / "model")
@@ -120,10 +128,7 @@ def evaluate_run(run: Path, heatmaps: bool = False) -> dict:
     generator, critic = det.scoring["generator"], det.scoring["critic"]
     rows = []
     for snap in sorted((run / "snapshots").glob("step_*.safetensors")):
-        state = load_file(str(snap))
-        for name, net in (("generator", generator), ("critic", critic)):
-            net.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
-            net.eval()
+        load_snapshot(snap, generator, critic)
         reference = det._critic_map(critic, b)
         row = {"step": int(snap.stem.split("_")[1])}
         for score in CANDIDATES:
@@ -150,9 +155,7 @@ def evaluate_run(run: Path, heatmaps: bool = False) -> dict:
                         "mean M": best["mean M"], "neighbour-column corr": best["neighbour-column corr"]}
     if heatmaps and lesions is not None:
         step = picks["critic"]["step"]
-        state = load_file(str(run / "snapshots" / f"step_{step:07d}.safetensors"))
-        for name, net in (("generator", generator), ("critic", critic)):
-            net.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
+        load_snapshot(run / "snapshots" / f"step_{step:07d}.safetensors", generator, critic)
         deficit = CriticDeficit(critic, det._critic_map(critic, b))
         picks["critic"]["other maps"] = {name: pixel_auroc(m, lesions, head)
                                          for name, m in other_critic_maps(generator, deficit, x, b).items()}
