@@ -67,6 +67,21 @@ def test_healthygan_mixed_precision_training_on_cuda(precision, tmp_path):
         assert state.get("scaler") and state["scaler"]["scale"] > 0
 
 
+def test_healthygan_nearest_heatmap_on_cuda_in_bf16_matches_the_cpu(tmp_path):
+    """The bank search runs in float32 under autocast; the model moves between devices with its bank."""
+    xb, xa = blobs(24, seed=1), torch.cat([blobs(12, seed=2), blobs(6, seed=3, lesion=True)])
+    det = tiny_on_cuda("healthygan", "bf16", critic="lite0", critic_weights="random", score="critic",
+                       heatmap="nearest", selection="last")
+    det.fit(xb, xa, work_dir=tmp_path / "run", progress=False)
+    assert det.healthy_patches.is_cuda and det.healthy_patches.dtype == torch.float32
+    x = blobs(4, seed=10, lesion=True)
+    scores, maps = det.score(x)
+    assert np.isfinite(maps).all() and maps.dtype == np.float32
+    det.save(tmp_path / "model")
+    _, cpu_maps = Detector.load(tmp_path / "model", device="cpu").score(x)  # float32 on the CPU
+    np.testing.assert_allclose(cpu_maps, maps, rtol=0.1, atol=0.1 * float(np.abs(cpu_maps).max()))
+
+
 def test_kill_and_resume_on_cuda_restores_the_random_state_and_finishes(tmp_path, monkeypatch):
     """A run killed on a GPU resumes there from its checkpoint, which is loaded with map_location=cuda:
     the CPU and CUDA random states it saved come back (as the CPU byte tensors torch requires; a first

@@ -144,8 +144,8 @@ def test_unknown_upsample_and_score_are_clear_errors():
 
 def test_cpu_profile_upsamples_by_nearest_and_scores_with_a_pretrained_critic():
     """The cpu profile is the variant the pre-registered choices picked (BENCHMARKS.md): no transposed
-    convolutions (their parity drew striped masks), a critic on a frozen EfficientNet-Lite0 trunk, and the
-    critic's deficit as the score, saved with the model."""
+    convolutions (their parity drew striped masks), a critic on a frozen EfficientNet-Lite0 trunk, the
+    critic's deficit as the score, saved with the model, and the nearest healthy patch as the heatmap."""
     from scanomaly.nn.pretrained_critic import PretrainedPatchCritic
 
     small = {"width": 8, "residual_blocks": 1, "critic_weights": "random", "iterations": 2, "selection": "last"}
@@ -155,6 +155,7 @@ def test_cpu_profile_upsamples_by_nearest_and_scores_with_a_pretrained_critic():
     det.fit(blobs(8, seed=1), blobs(8, seed=2), progress=False)
     assert any(k.startswith("critic.head") for k in det.state_tensors())
     assert det.scoring_network().critic_deficit is not None
+    assert det.scoring_network().nearest is not None and "healthy_patches" in det.state_tensors()
 
 
 @pytest.mark.filterwarnings("ignore:AUCp checkpoint selection")

@@ -21,6 +21,9 @@ unlabeled set A and a known-healthy set B; the anomaly is what had to change.
     option critic="lite0": the critic's trunk is frozen EfficientNet-Lite0 (stage3 + stage5 at twice the
             image size, as PatchCore's cpu profile sees it) under a small trained head (nn/pretrained_critic.py);
             the same WGAN-GP game, the penalty on the trunk's features
+    option heatmap="nearest" (with critic="lite0", score="critic"): the score stays the critic's deficit, the
+            heatmap is where the scan's trunk features leave healthy ones: each patch's distance to its nearest
+            patch among B's (a coreset kept with the model), upsampled and blurred as PatchCore's map
 
 What differs from the official code, and why (measured in BENCHMARKS.md): the learning rate really
 decays linearly to 0 over the last quarter (the official decrement is ~1e-9 per step, i.e. none);
@@ -30,12 +33,14 @@ authors' pseudo-AUC of held-out healthy scans against the unlabeled pool). The c
 histogram-equalises every scan, so that exposure differences do not pass for disease at 64 px,
 weights the identity term 5x and the mask term 10x (the paper: 1 and 0.1; at 0.1 the masks came to
 cover the whole image), upsamples by nearest resizing and scores with the critic's deficit
-(BENCHMARKS.md, "choosing the cpu profile"), and its critic judges frozen EfficientNet-Lite0 features
-(BENCHMARKS.md, "A critic on pretrained features").
+(BENCHMARKS.md, "choosing the cpu profile"), its critic judges frozen EfficientNet-Lite0 features
+(BENCHMARKS.md, "A critic on pretrained features"), and its heatmap is the nearest healthy patch on those features
+(BENCHMARKS.md, "The nearest healthy patch as the heatmap").
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import ClassVar
@@ -53,6 +58,7 @@ from ..nn.pretrained_translator import ENCODER_STAGES, PretrainedMaskedTranslato
 from ..training.loop import GANTask, LoopConfig, Phase
 from . import _patch_features as pf
 from ._gan import GANDetector
+from .patchcore import greedy_coreset
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,22 +175,57 @@ class CriticDeficit(nn.Module):
         return deficit.flatten(1).mean(1), heatmap[:, 0]
 
 
+class NearestHealthyPatch(nn.Module):
+    """Where a scan's features leave healthy ones: for each patch of the pretrained critic's frozen trunk
+    features, the Euclidean distance to its nearest patch in `bank` (a coreset of B's patches), upsampled
+    and blurred (sigma in image pixels) as PatchCore's map. The trunk is the critic's own: no second
+    backbone. x [N, C, S, S] -> heatmap [N, S, S]. The bank is searched in fixed slices, so the memory
+    stays bounded and the loop over them traces to ONNX."""
+
+    def __init__(self, critic: "PretrainedPatchCritic", bank: torch.Tensor, sigma: float = 4.0):
+        super().__init__()
+        self.critic, self.sigma = critic, sigma
+        self.register_buffer("bank", bank)
+        self.register_buffer("bank_sq", (bank * bank).sum(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.critic.features(x)
+        n, c, h, w = f.shape
+        with torch.autocast(device_type=x.device.type, enabled=False):  # distances in float32, never bf16
+            q = f.float().permute(0, 2, 3, 1).reshape(-1, c)
+            q_sq = (q * q).sum(1, keepdim=True)
+            d2 = None
+            for s in range(0, len(self.bank), NEAREST_SLICE):
+                part = torch.addmm(q_sq + self.bank_sq[None, s:s + NEAREST_SLICE], q, self.bank[s:s + NEAREST_SLICE].t(),
+                                   alpha=-2.0).amin(1)
+                d2 = part if d2 is None else torch.minimum(d2, part)
+            distance = d2.clamp_min(0).sqrt().view(n, h, w)
+            return pf.to_anomaly_map(distance, x.shape[-1], self.sigma)
+
+
+NEAREST_SLICE = 4096  # bank rows per distance block: 64 scans x 256 patches x 4096 x 4 B = 256 MiB
+
+
 class HealthyScorer(nn.Module):
     """Scoring as one forward pass: x -> (healthy(x), paper score), or with a feature distance or the
-    critic's deficit x -> (healthy(x), score, heatmap). What the detector scores with (and AUCp
-    during training), and what `scanomaly export` writes to ONNX (backbone or critic included)."""
+    critic's deficit x -> (healthy(x), score, heatmap), the heatmap then optionally the nearest healthy
+    patch's distance. What the detector scores with (and AUCp during training), and what
+    `scanomaly export` writes to ONNX (backbone, critic and patch bank included)."""
 
     def __init__(self, generator: MaskedTranslator, feature_distance: pf.FeatureDistance | None = None,
-                 critic_deficit: CriticDeficit | None = None):
+                 critic_deficit: CriticDeficit | None = None, nearest: NearestHealthyPatch | None = None):
         super().__init__()
         self.generator = generator
         self.feature_distance = feature_distance
         self.critic_deficit = critic_deficit
+        self.nearest = nearest
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         healthy = self.generator(x)[0].float()  # float: under bf16 autocast the score is still float32
         if self.critic_deficit is not None:
             scores, heatmap = self.critic_deficit(x)
+            if self.nearest is not None:
+                heatmap = self.nearest(x)
         elif self.feature_distance is not None:
             scores, heatmap = self.feature_distance(x, healthy)
         else:
@@ -292,6 +333,9 @@ class HealthyGANConfig(LoopConfig):
     # DiffAugment on everything the critic sees in training (nn.blocks.diff_augment): "" (the paper: none) or
     # a comma-separated policy, "translation,cutout"; against a critic that memorises a small B
     critic_augment: str = ""
+    # the heatmap: "score" (the score's own map) or "nearest" (NearestHealthyPatch on the pretrained critic's
+    # trunk, beside the critic's score; needs critic="lite0" and score="critic")
+    heatmap: str = "score"
     # the rest of the loop's settings (batch_size 16, lr_decay_fraction 0.25, ema_decay 0.999: the EMA generator
     # scores, hflip, seed, keep_snapshots) keep LoopConfig's defaults
 
@@ -299,6 +343,9 @@ class HealthyGANConfig(LoopConfig):
 
 
 SCORES = ("pixel", "features", "critic")
+HEATMAPS = ("score", "nearest")
+# share of B's trunk patches kept for the nearest-patch heatmap: PatchCore's cpu coreset fraction
+NEAREST_CORESET_FRACTION = 0.1
 
 
 @register
@@ -326,6 +373,9 @@ class HealthyGAN(GANDetector):
         # checkpoint. The betas and the schedule are the paper's. Since 2026-12-04, by a second rule written before
         # its runs (BENCHMARKS.md, "A critic on pretrained features"; validation, four data sets: 0.799 against
         # 0.760), the critic judges frozen EfficientNet-Lite0 features (critic="lite0"); critic_width sizes its head.
+        # And by a third (docs/experiments.md, section 12; lgg_flair validation, the only set with lesion masks, three
+        # seeds: pixel AUROC inside the head 0.810 against 0.704), the heatmap is the nearest healthy patch on that
+        # trunk (heatmap="nearest"); the scores are the critic's, unchanged.
         "cpu": {
             "config": {
                 "lr": 3e-4,
@@ -338,6 +388,7 @@ class HealthyGAN(GANDetector):
                 "lambda_mask": 1.0,
                 "upsample": "nearest",
                 "score": "critic",
+                "heatmap": "nearest",
                 "iterations": 1000,
                 "checkpoint_every": 100,
                 "sample_every": 500,
@@ -370,6 +421,12 @@ class HealthyGAN(GANDetector):
         if c.score not in SCORES:
             raise ScanomalyError(f"score must be one of {SCORES}, got {c.score!r}")
         augment_policy(c.critic_augment)  # an unknown name fails here, not at the first step
+        if c.heatmap not in HEATMAPS:
+            raise ScanomalyError(f"heatmap must be one of {HEATMAPS}, got {c.heatmap!r}")
+        if c.heatmap == "nearest" and (c.critic, c.score) != ("lite0", "critic"):
+            raise ScanomalyError("heatmap=nearest searches the pretrained critic's features: it needs critic=lite0 "
+                                 f"and score=critic (got critic={c.critic}, score={c.score}); with another critic or "
+                                 "score, add heatmap=score (CLI: --set heatmap=score)")
         torch.manual_seed(c.seed)  # the initial weights are part of the seeded run
         if c.generator == "stargan":
             self.generator = MaskedTranslator(p.channels, c.width, c.residual_blocks, c.upsample)
@@ -389,6 +446,7 @@ class HealthyGAN(GANDetector):
         self.critic = self.critic.to(self.device)
         self.feature_distance = self._feature_distance() if c.score == "features" else None
         self.critic_memorisation: float | None = None  # set by fit when the critic scores and healthy scans were held out
+        self.healthy_patches: torch.Tensor | None = None  # heatmap="nearest": the coreset of B's trunk patches, set by fit
         if c.score == "critic":  # the critic scores too, so it is part of the saved model
             self.scoring_networks = ("generator", "critic")
             self.critic_reference = torch.zeros_like(self._critic_map(self.critic, torch.zeros(1, p.channels, p.image_size, p.image_size, device=self.device)))
@@ -438,7 +496,20 @@ class HealthyGAN(GANDetector):
             self.critic_reference = self._critic_reference(x_b)
             if x_hold is not None and len(x_hold):
                 self.critic_memorisation = self._critic_memorisation(x_b, x_hold)
+        if c.heatmap == "nearest":
+            self.healthy_patches = self.healthy_patch_bank(x_b)
         return self
+
+    @torch.no_grad()
+    def healthy_patch_bank(self, healthy: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """heatmap="nearest": a greedy k-center coreset (PatchCore's, seeded) of NEAREST_CORESET_FRACTION of
+        the critic trunk's patch features of the healthy scans [M, C]. The trunk is frozen, so this depends on
+        B alone, not on the training."""
+        critic = self.scoring["critic"]
+        feats = torch.cat([critic.features(healthy[i : i + batch_size].to(self.device)).float().permute(0, 2, 3, 1).flatten(0, 2)
+                           for i in range(0, len(healthy), batch_size)])
+        keep = greedy_coreset(feats, math.ceil(NEAREST_CORESET_FRACTION * len(feats)), seed=self.config.seed)
+        return feats[keep].contiguous()
 
     def _critic_memorisation(self, x_b: torch.Tensor, x_hold: torch.Tensor) -> float:
         """AUROC of the scoring critic's deficit, B's training scans (0) against the held-out healthy ones (1):
@@ -482,11 +553,16 @@ class HealthyGAN(GANDetector):
         return torch.cat(out).numpy()
 
     def scoring_network(self) -> HealthyScorer:
-        return self._scorer(self.scoring, getattr(self, "critic_reference", None))
+        nearest = self.config.heatmap == "nearest"
+        if nearest and self.healthy_patches is None:
+            raise ScanomalyError("heatmap=nearest: the model has no bank of healthy patches yet; fit or load it first")
+        return self._scorer(self.scoring, getattr(self, "critic_reference", None), self.healthy_patches if nearest else None)
 
-    def _scorer(self, networks, critic_reference) -> HealthyScorer:
+    def _scorer(self, networks, critic_reference, healthy_patches=None) -> HealthyScorer:
+        """(During training no bank exists and AUCp needs only the scores.)"""
         deficit = None if critic_reference is None else CriticDeficit(networks["critic"], critic_reference)
-        return HealthyScorer(networks["generator"], self.feature_distance, deficit)
+        nearest = None if healthy_patches is None else NearestHealthyPatch(networks["critic"], healthy_patches)
+        return HealthyScorer(networks["generator"], self.feature_distance, deficit, nearest)
 
     # -- persistence (GANDetector): the scoring generator is the model, with the critic and its reference
     # when the critic scores (otherwise the critic is only needed to train). A pretrained scoring
@@ -497,6 +573,10 @@ class HealthyGAN(GANDetector):
             tensors.update(pf.backbone_state(self.feature_distance.extractor, self.config.score_backbone_weights))
         if self.config.score == "critic":
             tensors[CRITIC_REFERENCE] = self.critic_reference
+        if self.config.heatmap == "nearest":
+            if self.healthy_patches is None:
+                raise ScanomalyError("heatmap=nearest: nothing to save, the model has no bank of healthy patches (fit it first)")
+            tensors[HEALTHY_PATCHES] = self.healthy_patches
         return tensors
 
     def load_state_tensors(self, tensors):
@@ -505,6 +585,11 @@ class HealthyGAN(GANDetector):
             if CRITIC_REFERENCE not in tensors:
                 raise ScanomalyError("this model scores with its critic but was saved without the critic's reference")
             self.critic_reference = tensors.pop(CRITIC_REFERENCE).to(self.device)
+        if self.config.heatmap == "nearest":
+            tensors = dict(tensors)
+            if HEALTHY_PATCHES not in tensors:
+                raise ScanomalyError("this model draws its heatmap from healthy patches but was saved without them")
+            self.healthy_patches = tensors.pop(HEALTHY_PATCHES).float().to(self.device)
         super().load_state_tensors(tensors)
         if self.feature_distance is not None:
             pf.load_backbone_state(self.feature_distance.extractor, self.config.score_backbone_weights, tensors)
@@ -520,6 +605,7 @@ class HealthyGAN(GANDetector):
 
 
 CRITIC_REFERENCE = "critic_reference"  # its name among the saved tensors
+HEALTHY_PATCHES = "healthy_patches"
 
 
 # The critic's deficit, B's training scans against held-out healthy ones (AUROC), at every checkpoint of the cpu
