@@ -67,7 +67,7 @@ def main() -> None:
             for name, scored in (("score", before), ("nearest", after)):
                 block = evaluate_localization(scored["test"][1], test.masks.numpy().astype(bool), test.images.numpy(),
                                               scored["val"][1], lesions, val.images.numpy(), region="foreground")
-                row[f"test_{name}"] = {k: block[k] for k in ("pixel_auroc", "aupro", "dice")}
+                row[f"test_{name}"] = {k: block[k] for k in ("pixel_auroc", "aupro", "dice", "all_pixels")}
         table[str(run)] = row
         print(run, json.dumps(row), flush=True)
     for key in ("val_pixel_auroc_score", "val_pixel_auroc_nearest"):
