@@ -25,7 +25,7 @@ from scanomaly.methods.healthygan import HealthyGAN
 def parse_variant(text: str) -> tuple[str, dict]:
     name, _, rest = text.partition(":")
     cfg = {}
-    for pair in filter(None, re.split(r",(?=\w+=)", rest)):  # a comma inside a value (critic_augment=a,b) stays
+    for pair in filter(None, re.split(r",(?=\w+=)", rest)):  # a comma inside a value (stages=a,b) stays
         key, _, value = pair.partition("=")
         try:
             cfg[key] = json.loads(value)

@@ -52,7 +52,7 @@ from sklearn.metrics import roc_auc_score
 
 from ..detector import anomaly_map, as_tensor, register
 from ..errors import ScanomalyError
-from ..nn.blocks import ResidualBlock, augment_policy, diff_augment, gradient_penalty, num_halvings
+from ..nn.blocks import ResidualBlock, gradient_penalty, num_halvings
 from ..nn.pretrained_critic import CRITIC_STAGES, PretrainedPatchCritic
 from ..nn.pretrained_translator import ENCODER_STAGES, PretrainedMaskedTranslator
 from ..training.loop import GANTask, LoopConfig, Phase
@@ -241,7 +241,6 @@ class HealthyGANTask(GANTask):
 
     def __init__(self, generator: MaskedTranslator, critic: PatchCritic, cfg: "HealthyGANConfig"):
         self.generator, self.critic, self.cfg = generator, critic, cfg
-        self.augment = augment_policy(cfg.critic_augment)
         self._optimizers = {
             "generator": torch.optim.Adam(generator.parameters(), lr=cfg.lr, betas=tuple(cfg.betas)),
             "critic": torch.optim.Adam(critic.parameters(), lr=cfg.lr, betas=tuple(cfg.betas)),
@@ -261,13 +260,12 @@ class HealthyGANTask(GANTask):
 
     def loss(self, phase, batch):
         x_a, x_b, cfg = batch["a"], batch["b"], self.cfg
-        augment = lambda x: diff_augment(x, self.augment)  # noqa: E731  (the critic never sees a scan as it is)
         if phase == "critic":
             with torch.no_grad():
                 fake = self.generator(x_a)[0]
                 # the gradient penalty holds the critic's trained part to 1-Lipschitz on what it judges: pixels for
                 # the paper's critic, the frozen trunk's features for the pretrained one
-                real, fake = self.critic.features(augment(x_b)), self.critic.features(augment(fake))
+                real, fake = self.critic.features(x_b), self.critic.features(fake)
             d_real, d_fake = self.critic.judge(real).mean(), self.critic.judge(fake).mean()
             gp = gradient_penalty(self.critic.judge, real, fake)
             loss = -d_real + d_fake + cfg.lambda_gp * gp
@@ -275,7 +273,7 @@ class HealthyGANTask(GANTask):
 
         healthy_a, t_a, m_a = self.generator(x_a)
         healthy_b, t_b, m_b = self.generator(x_b)
-        adv = -self.critic(augment(healthy_a)).mean() - self.critic(augment(healthy_b)).mean()
+        adv = -self.critic(healthy_a).mean() - self.critic(healthy_b).mean()
         idt = identity_loss(x_b, t_b)
         rec = reconstruction_loss(x_a, t_a, m_a)
         msk = (mask_loss(m_a) + mask_loss(m_b)) / 2
@@ -330,16 +328,15 @@ class HealthyGANConfig(LoopConfig):
     # EfficientNet-Lite0 trunk under a head of critic_width channels: nn/pretrained_critic.py)
     critic: str = "patch"
     critic_weights: str | None = "imagenet"
-    # DiffAugment on everything the critic sees in training (nn.blocks.diff_augment): "" (the paper: none) or
-    # a comma-separated policy, "translation,cutout"; against a critic that memorises a small B
-    critic_augment: str = ""
     # the heatmap: "score" (the score's own map) or "nearest" (NearestHealthyPatch on the pretrained critic's
     # trunk, beside the critic's score; needs critic="lite0" and score="critic")
     heatmap: str = "score"
     # the rest of the loop's settings (batch_size 16, lr_decay_fraction 0.25, ema_decay 0.999: the EMA generator
     # scores, hflip, seed, keep_snapshots) keep LoopConfig's defaults
 
-    retired_options: ClassVar[dict] = {**LoopConfig.retired_options, "mask_offset": 0.0, "critic_final_size": 4}
+    retired_options: ClassVar[dict] = {**LoopConfig.retired_options, "mask_offset": 0.0, "critic_final_size": 4,
+                                     # DiffAugment for the critic: lost two validation rounds (BENCHMARKS.md, A1 and P2)
+                                     "critic_augment": ""}
 
 
 SCORES = ("pixel", "features", "critic")
@@ -420,7 +417,6 @@ class HealthyGAN(GANDetector):
             raise ScanomalyError(f"selection must be 'aucp' or 'last', got {c.selection!r}")
         if c.score not in SCORES:
             raise ScanomalyError(f"score must be one of {SCORES}, got {c.score!r}")
-        augment_policy(c.critic_augment)  # an unknown name fails here, not at the first step
         if c.heatmap not in HEATMAPS:
             raise ScanomalyError(f"heatmap must be one of {HEATMAPS}, got {c.heatmap!r}")
         if c.heatmap == "nearest" and (c.critic, c.score) != ("lite0", "critic"):
@@ -521,7 +517,7 @@ class HealthyGAN(GANDetector):
             warnings.warn(
                 f"the critic tells its {len(s_b)} healthy training scans from {len(s_hold)} held-out healthy ones "
                 f"(AUROC {auroc:.2f}): it has learned B itself, and unseen healthy scans will score as anomalies. "
-                "Give more healthy scans, or train with critic_augment=translation,cutout.",
+                "Give more healthy scans.",
                 stacklevel=3,
             )
         return auroc

@@ -5,8 +5,6 @@
   transposed conv4x4 + BN + ReLU up) used by AnoGAN, GANomaly, ALAD and ALOCC.
 - `gradient_penalty`: WGAN-GP's penalty on random interpolates (Gulrajani et al. 2017).
 - `EMA`: an exponential moving average of a module's weights, used for scoring.
-- `diff_augment`: DiffAugment's translation and cutout (Zhao et al. 2020), applied to everything a critic sees
-  in training, so that a critic trained on a few dozen scans cannot memorise them.
 """
 
 from __future__ import annotations
@@ -18,7 +16,6 @@ import torch
 import torch.nn as nn
 
 from ..distributed import per_sample_rand
-from ..errors import ScanomalyError
 
 
 class ResidualBlock(nn.Module):
@@ -121,49 +118,6 @@ def gradient_penalty(critic, real: torch.Tensor, fake: torch.Tensor) -> torch.Te
         out = critic(x_hat)
         (grad,) = torch.autograd.grad(out.sum(), x_hat, create_graph=True)
         return ((grad.flatten(1).norm(2, dim=1) - 1.0) ** 2).mean()
-
-
-AUGMENTATIONS = ("translation", "cutout")
-
-
-def augment_policy(policy: str) -> tuple[str, ...]:
-    """"translation,cutout" -> ("translation", "cutout"); "" -> (); an unknown name is an error."""
-    names = tuple(name.strip() for name in policy.split(",") if name.strip())
-    unknown = [name for name in names if name not in AUGMENTATIONS]
-    if unknown:
-        raise ScanomalyError(f"unknown augmentation {unknown[0]!r}: use a comma-separated list of {AUGMENTATIONS}")
-    return names
-
-
-def diff_augment(x: torch.Tensor, policy: tuple[str, ...], translation: float = 0.125, cutout: float = 0.5) -> torch.Tensor:
-    """DiffAugment (Zhao et al. 2020), differentiable and drawn per sample, in the order of `policy`:
-    "translation" shifts each scan by up to `translation` of its size on each axis (integer pixels, the
-    border filled with black, -1); "cutout" sets a square of `cutout` of its size, centred anywhere, to 0.
-    Applied alike to real and fake scans and in the generator's adversarial term, so the critic never sees
-    a scan as it is and the generator cannot profit from what the augmentation hides. No policy, no draw."""
-    for name in policy:
-        n, _, h, w = x.shape
-        size = torch.tensor([h, w], device=x.device)
-        if name == "translation":
-            sh, sw = int(h * translation + 0.5), int(w * translation + 0.5)
-            reach = torch.tensor([sh, sw], device=x.device)
-            shift = (per_sample_rand(n, 2, device=x.device) * (2 * reach + 1)).long() - reach  # in [-reach, reach]
-            padded = nn.functional.pad(x, (sw, sw, sh, sh), value=-1.0)
-            rows = torch.arange(h, device=x.device)[None] + sh - shift[:, :1]  # [n, h]
-            cols = torch.arange(w, device=x.device)[None] + sw - shift[:, 1:]  # [n, w]
-            batch = torch.arange(n, device=x.device)[:, None, None]
-            x = padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # [n, h, w, c] -> [n, c, h, w]
-        elif name == "cutout":
-            half = torch.tensor([int(h * cutout + 0.5), int(w * cutout + 0.5)], device=x.device) // 2
-            centre = (per_sample_rand(n, 2, device=x.device) * size).long()
-            lo, hi = centre - half, centre + half
-            ys, xs = torch.arange(h, device=x.device)[None], torch.arange(w, device=x.device)[None]
-            inside_y = (ys >= lo[:, :1]) & (ys < hi[:, :1])
-            inside_x = (xs >= lo[:, 1:]) & (xs < hi[:, 1:])
-            x = x * (~(inside_y[:, :, None] & inside_x[:, None, :]))[:, None].to(x.dtype)
-        else:
-            augment_policy(name)  # raises
-    return x
 
 
 class EMA:
