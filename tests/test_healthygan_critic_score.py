@@ -156,6 +156,7 @@ def test_cpu_profile_upsamples_by_nearest_and_scores_with_a_pretrained_critic():
     assert any(k.startswith("critic.head") for k in det.state_tensors())
     assert det.scoring_network().critic_deficit is not None
     assert det.scoring_network().nearest is not None and "healthy_patches" in det.state_tensors()
+    assert det.config.score == "critic+nearest" and det.scoring_network().fused_scales is not None
 
 
 @pytest.mark.filterwarnings("ignore:AUCp checkpoint selection")

@@ -103,10 +103,64 @@ def test_onnx_export_has_score_and_heatmap_parity(fitted, tmp_path):
     assert_onnx_parity(fitted, tmp_path / "model.onnx")
 
 
+@pytest.fixture(scope="module")
+def fused() -> HealthyGAN:
+    return nearest_detector(score="critic+nearest", selection="aucp", checkpoint_every=3).fit(
+        blobs(12, seed=1), blobs(12, seed=2), progress=False)
+
+
+@pytest.mark.filterwarnings("ignore:AUCp checkpoint selection")
+def test_the_fused_score_adds_the_critic_and_the_memory_each_over_its_spread(fused):
+    x = torch.cat([blobs(4, seed=9), blobs(4, seed=9, lesion=True)])
+    s_fused, m_fused = fused.score(x)
+    fused.config.score = "critic"  # the same networks, bank and map; the critic's deficit alone
+    try:
+        s_critic, m_critic = fused.score(x)
+    finally:
+        fused.config.score = "critic+nearest"
+    np.testing.assert_array_equal(m_fused, m_critic)
+    sigma = fused.fused_scales.numpy()
+    np.testing.assert_allclose(s_fused, s_critic / sigma[0] + m_critic.reshape(8, -1).max(1) / sigma[1], rtol=1e-5, atol=1e-6)
+    # the scales are the parts' standard deviations over the scans they are computed on
+    parts = np.c_[s_critic, m_critic.reshape(8, -1).max(1)]
+    np.testing.assert_allclose(fused.fused_score_scales(x).numpy(), parts.std(0, ddof=1), rtol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:AUCp checkpoint selection")
+def test_the_fused_score_saves_loads_and_exports(fused, tmp_path):
+    x = blobs(5, seed=9, lesion=True)
+    s1, m1 = fused.score(x)
+    loaded = Detector.load(fused.save(tmp_path / "model"))
+    s2, m2 = loaded.score(x)
+    np.testing.assert_array_equal(s1, s2)
+    np.testing.assert_array_equal(m1, m2)
+    # ONNX: relative tolerances, as the random test trunk's features are tiny and so are both scales (~1e-7, 1e-5)
+    pytest.importorskip("onnxruntime")
+    from scanomaly.export import OnnxScorer, export_onnx
+
+    o_scores, o_maps = OnnxScorer(export_onnx(fused, tmp_path / "model.onnx").path).score(x, batch_size=3)
+    np.testing.assert_allclose(o_scores, s1, rtol=1e-3)
+    np.testing.assert_allclose(o_maps, m1, rtol=1e-3, atol=1e-3 * float(np.abs(m1).max()))
+    tensors = {k: v for k, v in fused.state_tensors().items() if k != hg.FUSED_SCALES}
+    with pytest.raises(ScanomalyError, match="saved without their scales"):
+        nearest_detector(score="critic+nearest").load_state_tensors(tensors)
+
+
+def test_the_fused_score_needs_held_out_scans_and_says_so_before_training(tmp_path):
+    det = nearest_detector(score="critic+nearest", selection="last")
+    with pytest.raises(ScanomalyError, match="needs at least two healthy training images"):
+        det.fit(blobs(1, seed=1), blobs(8, seed=2), work_dir=tmp_path / "run", progress=False)  # nothing to hold out
+    assert not (tmp_path / "run").exists()  # refused before the first step
+    # with selection=last the scales still come from held-out scans (AUCp is not run)
+    det.fit(blobs(10, seed=1), blobs(8, seed=2), progress=False)
+    assert det.train_result.best_step is None and torch.all(det.fused_scales > 0)
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"heatmap": "gradcam"}, "heatmap must be one of"),
     ({"heatmap": "nearest", "critic": "patch"}, "needs critic=lite0 and score=critic"),
     ({"heatmap": "nearest", "score": "pixel"}, "needs critic=lite0 and score=critic"),
+    ({"heatmap": "score", "score": "critic+nearest"}, "needs heatmap=nearest"),
 ])
 def test_heatmap_option_errors(overrides, message):
     with pytest.raises(ScanomalyError, match=message):

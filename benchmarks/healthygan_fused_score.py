@@ -1,0 +1,73 @@
+"""HealthyGAN: the critic's score and the nearest-patch memory together (docs/experiments.md, section 13). VALIDATION
+unless --test (once, after the choice).
+
+    python benchmarks/healthygan_fused_score.py RUN [RUN ...] [--test]
+
+RUN: a `benchmarks/run_method.py` run of the cpu profile (critic="lite0", score="critic"). For each, the candidate
+score F = deficit / σ_critic + max(nearest-patch map) / σ_memory, each σ the standard deviation of that component
+over the scans AUCp compared in training: the held-out healthy scans and the held-out unlabeled pool (the same
+seeded split `HealthyGAN.fit` makes; unseen in training, no labels). The checkpoint, the critic and the heatmap are
+the run's own; the memory's bank is built by `HealthyGAN.healthy_patch_bank`, as `fit` does. Prints the validation
+AUROC of the critic's score, of the memory alone and of F (and with --test the same on the test split, with 95%
+bootstrap intervals as `run_method` computes them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from scanomaly.data import load_images
+from scanomaly.detector import Detector
+from scanomaly.methods.healthygan import _split_off
+from scanomaly.metrics import bootstrap_auroc_ci
+from scanomaly.pipeline import without_labels
+from scanomaly.splits import read_split_manifest
+
+
+def components(det, images) -> np.ndarray:
+    """[N, 2]: the critic's deficit and the maximum of the nearest-patch map."""
+    scores, maps = det.score(images)
+    return np.c_[scores, maps.reshape(len(maps), -1).max(1)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", type=Path, nargs="+")
+    ap.add_argument("--test", action="store_true", help="also score the test split (once, after the choice)")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    table = {}
+    for run in args.runs:
+        det = Detector.load(run / "model")
+        c = det.config
+        split = read_split_manifest(run / "split.csv")
+        load = lambda records: load_images(records, det.preprocessing, progress=False)  # noqa: E731
+        healthy = load(split.healthy)
+        det.config.score, det.config.heatmap = "critic", "nearest"  # the parts: the critic's deficit, the memory's map
+        det.healthy_patches = det.healthy_patch_bank(healthy.images)
+        # the scans AUCp compared: the hold-out given to fit (else split off B) and the pool split off A, as fit does
+        _, pool = _split_off(load(without_labels(split.unlabeled)).images, c.holdout_fraction, c.seed)
+        hold = load(split.healthy_holdout).images if split.healthy_holdout else _split_off(healthy.images, c.holdout_fraction, c.seed)[1]
+        sigma = components(det, torch.cat([hold, pool[: c.aucp_pool]])).std(0, ddof=1)
+        row = {"sigma": sigma.tolist(), "n_sigma": len(hold) + len(pool[: c.aucp_pool])}
+        parts = {"val": load(split.val), **({"test": load(split.test)} if args.test else {})}
+        for part, images in parts.items():
+            y, comp = np.asarray(images.labels), components(det, images)
+            scores = {"critic": comp[:, 0], "memory": comp[:, 1], "F": (comp / sigma).sum(1)}
+            row[part] = {k: float(roc_auc_score(y, s)) for k, s in scores.items()}
+            if part == "test":
+                row["test_ci"] = {k: bootstrap_auroc_ci(y, s, seed=c.seed) for k, s in scores.items()}
+        table[str(run)] = row
+        print(run, json.dumps(row), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(table, indent=1))
+
+
+if __name__ == "__main__":
+    main()
