@@ -37,8 +37,9 @@ histogram-equalises every scan, so that exposure differences do not pass for dis
 weights the identity term 5x and the mask term 10x (the paper: 1 and 0.1; at 0.1 the masks came to
 cover the whole image), upsamples by nearest resizing and scores with the critic's deficit
 (BENCHMARKS.md, "choosing the cpu profile"), its critic judges frozen EfficientNet-Lite0 features
-(BENCHMARKS.md, "A critic on pretrained features"), and its heatmap is the nearest healthy patch on those features
-(BENCHMARKS.md, "The nearest healthy patch as the heatmap").
+(BENCHMARKS.md, "A critic on pretrained features"), its heatmap is the nearest healthy patch on those features
+(BENCHMARKS.md, "The nearest healthy patch as the heatmap"), and its score adds that memory's maximum to the
+critic's deficit (BENCHMARKS.md, "The critic's score and the patch memory together").
 """
 
 from __future__ import annotations
@@ -430,12 +431,15 @@ class HealthyGAN(GANDetector):
             raise ScanomalyError(f"score must be one of {SCORES}, got {c.score!r}")
         if c.heatmap not in HEATMAPS:
             raise ScanomalyError(f"heatmap must be one of {HEATMAPS}, got {c.heatmap!r}")
+        if c.score == "critic+nearest" and (c.critic, c.heatmap) != ("lite0", "nearest"):
+            raise ScanomalyError("score=critic+nearest adds the maximum of the nearest-patch map on the pretrained "
+                                 f"critic's features: it needs critic=lite0 and heatmap=nearest (got critic={c.critic}, "
+                                 f"heatmap={c.heatmap}); otherwise score with the critic alone: --set score=critic "
+                                 "heatmap=score")
         if c.heatmap == "nearest" and (c.critic != "lite0" or c.score not in CRITIC_SCORES):
             raise ScanomalyError("heatmap=nearest searches the pretrained critic's features: it needs critic=lite0 "
-                                 f"and score=critic (got critic={c.critic}, score={c.score}); with another critic or "
-                                 "score, add heatmap=score (CLI: --set heatmap=score)")
-        if c.score == "critic+nearest" and c.heatmap != "nearest":
-            raise ScanomalyError("score=critic+nearest adds the nearest-patch map's maximum: it needs heatmap=nearest")
+                                 f"and the critic's score (got critic={c.critic}, score={c.score}); with another critic "
+                                 "or score, add heatmap=score (CLI: --set heatmap=score)")
         torch.manual_seed(c.seed)  # the initial weights are part of the seeded run
         if c.generator == "stargan":
             self.generator = MaskedTranslator(p.channels, c.width, c.residual_blocks, c.upsample)
