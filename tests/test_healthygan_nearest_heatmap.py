@@ -148,8 +148,9 @@ def test_the_fused_score_saves_loads_and_exports(fused, tmp_path):
 
 def test_the_fused_score_needs_held_out_scans_and_says_so_before_training(tmp_path):
     det = nearest_detector(score="critic+nearest", selection="last")
-    with pytest.raises(ScanomalyError, match="needs at least two healthy training images"):
-        det.fit(blobs(1, seed=1), blobs(8, seed=2), work_dir=tmp_path / "run", progress=False)  # nothing to hold out
+    for n_healthy, n_unlabeled in ((1, 8), (2, 1)):  # nothing to hold out of B; one scan held out in all
+        with pytest.raises(ScanomalyError, match="a standard deviation needs two"):
+            det.fit(blobs(n_healthy, seed=1), blobs(n_unlabeled, seed=2), work_dir=tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()  # refused before the first step
     # with selection=last the scales still come from held-out scans (AUCp is not run)
     det.fit(blobs(10, seed=1), blobs(8, seed=2), progress=False)

@@ -338,7 +338,7 @@ class HealthyGANConfig(LoopConfig):
     critic: str = "patch"
     critic_weights: str | None = "imagenet"
     # the heatmap: "score" (the score's own map) or "nearest" (NearestHealthyPatch on the pretrained critic's
-    # trunk, beside the critic's score; needs critic="lite0" and score="critic")
+    # trunk, beside the critic's score; needs critic="lite0" and score="critic" or "critic+nearest")
     heatmap: str = "score"
     # the rest of the loop's settings (batch_size 16, lr_decay_fraction 0.25, ema_decay 0.999: the EMA generator
     # scores, hflip, seed, keep_snapshots) keep LoopConfig's defaults
@@ -489,19 +489,19 @@ class HealthyGAN(GANDetector):
             x_hold = None if holdout is None else as_tensor(holdout)
         if len(x_b) == 0 or len(x_a) == 0:
             raise ScanomalyError("HealthyGAN needs at least one healthy and one unlabeled training image")
-        if c.score == "critic+nearest" and (x_hold is None or len(x_hold) == 0):
-            raise ScanomalyError("score=critic+nearest scales its two parts on healthy scans held out of training: it "
-                                 "needs at least two healthy training images (or a hold-out set)")
-
-        evaluate, pool = None, None
+        evaluate, pool = None, x_a[:0]
         if needs_unseen and x_hold is not None and len(x_hold):
             # AUCp compares unseen healthy scans with *unseen* unlabeled ones: an unlabeled pool the
             # generator trained on would score low just because it was memorised (measured: AUCp < 0.5)
             x_a, pool = _split_off(x_a, c.holdout_fraction, c.seed)
             pool = pool[: c.aucp_pool]
-            if c.selection == "aucp":
-                _warn_if_aucp_is_coarse(len(x_hold), len(pool))
-                evaluate = lambda mods: self._aucp(mods, x_hold, pool)  # noqa: E731
+        if c.score == "critic+nearest" and (0 if x_hold is None else len(x_hold)) + len(pool) < 2:
+            raise ScanomalyError("score=critic+nearest scales its two parts on scans held out of training (a standard "
+                                 "deviation needs two): give at least two healthy and two unlabeled training images "
+                                 "(or a hold-out set)")
+        if c.selection == "aucp" and x_hold is not None and len(x_hold):
+            _warn_if_aucp_is_coarse(len(x_hold), len(pool))
+            evaluate = lambda mods: self._aucp(mods, x_hold, pool)  # noqa: E731
 
         task = HealthyGANTask(self.generator, self.critic, c)
         self.train_result = self._train(task, {"a": x_a, "b": x_b}, work_dir, progress, evaluate=evaluate,
