@@ -25,25 +25,8 @@ from sklearn.metrics import roc_auc_score
 from scanomaly.data import load_images
 from scanomaly.detector import Detector
 from scanomaly.localization import foreground_mask, pixel_auroc
-from scanomaly.methods._patch_features import to_anomaly_map
+from scanomaly.methods.healthygan import NearestHealthyPatch
 from scanomaly.splits import read_split_manifest
-
-
-@torch.no_grad()
-def features(critic, x: torch.Tensor, batch: int = 64) -> torch.Tensor:
-    return torch.cat([critic.features(x[i : i + batch]) for i in range(0, len(x), batch)])
-
-
-def patches(f: torch.Tensor) -> torch.Tensor:
-    """[N, C, H, W] -> [N·H·W, C]"""
-    return f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
-
-
-@torch.no_grad()
-def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """[Q, C], [M, C] -> [Q]: the Euclidean distance to the nearest bank row. (Not PatchCore's nearest_neighbors:
-    its argmin over a bank of 200,000 rows peaked above 20 GiB here, 2026-12-04, PyTorch 2.13 CPU.)"""
-    return torch.cat([torch.cdist(queries[i : i + chunk], bank).min(1).values for i in range(0, len(queries), chunk)])
 
 
 def main() -> None:
@@ -65,11 +48,11 @@ def main() -> None:
         deficit = torch.cat([reference - critic(x[i : i + 64]) for i in range(0, len(x), 64)])
     deficit_map = F.interpolate(deficit, size=size, mode="bilinear", align_corners=False)[:, 0]
 
-    bank = patches(features(critic, b))
+    bank = det.trunk_patches(b)
     keep = torch.randperm(len(bank), generator=torch.Generator().manual_seed(0))[: int(len(bank) * args.bank_fraction)]
-    fx = features(critic, x)
-    knn = nearest_distance(patches(fx), bank[keep]).reshape(len(x), *fx.shape[-2:])
-    knn_map = to_anomaly_map(knn, size[-1], 4.0)  # PatchCore's upsampling and blur
+    nearest = NearestHealthyPatch(critic, bank[keep])  # the model's heatmap="nearest", on this bank
+    with torch.no_grad():
+        knn_map = torch.cat([nearest(x[i : i + 64]) for i in range(0, len(x), 64)])
 
     for name, m in (("critic's deficit map", deficit_map), ("nearest B patch, same trunk features", knn_map)):
         m = m.numpy()

@@ -532,15 +532,20 @@ class HealthyGAN(GANDetector):
         return torch.cat(parts).double().std(0).float().clamp_min(1e-12).to(self.device)
 
     @torch.no_grad()
-    def healthy_patch_bank(self, healthy: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    def healthy_patch_bank(self, healthy: torch.Tensor) -> torch.Tensor:
         """heatmap="nearest": a greedy k-center coreset (PatchCore's, seeded) of NEAREST_CORESET_FRACTION of
         the critic trunk's patch features of the healthy scans [M, C]. The trunk is frozen, so this depends on
         B alone, not on the training."""
-        critic = self.scoring["critic"]
-        feats = torch.cat([critic.features(healthy[i : i + batch_size].to(self.device)).float().permute(0, 2, 3, 1).flatten(0, 2)
-                           for i in range(0, len(healthy), batch_size)])
+        feats = self.trunk_patches(healthy)
         keep = greedy_coreset(feats, math.ceil(NEAREST_CORESET_FRACTION * len(feats)), seed=self.config.seed)
         return feats[keep].contiguous()
+
+    @torch.no_grad()
+    def trunk_patches(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Every patch feature the pretrained critic's trunk sees in `images`: [N·h·w, C], float32."""
+        critic = self.scoring["critic"]
+        return torch.cat([critic.features(images[i : i + batch_size].to(self.device)).float().permute(0, 2, 3, 1).flatten(0, 2)
+                          for i in range(0, len(images), batch_size)])
 
     def _critic_memorisation(self, x_b: torch.Tensor, x_hold: torch.Tensor) -> float:
         """AUROC of the scoring critic's deficit, B's training scans (0) against the held-out healthy ones (1):
