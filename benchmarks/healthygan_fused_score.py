@@ -1,7 +1,7 @@
 """HealthyGAN: the critic's score and the nearest-patch memory together (docs/experiments.md, section 13). VALIDATION
 unless --test (once, after the choice).
 
-    python benchmarks/healthygan_fused_score.py RUN [RUN ...] [--test]
+    python benchmarks/healthygan_fused_score.py RUN [RUN ...] [--unseen] [--neighbourhood K] [--test]
 
 RUN: a `benchmarks/run_method.py` run of the cpu profile (critic="lite0", score="critic"). For each, the candidate
 score F = deficit / σ_critic + max(nearest-patch map) / σ_memory, each σ the standard deviation of that component
@@ -9,7 +9,12 @@ over the scans AUCp compared in training: the held-out healthy scans and the hel
 seeded split `HealthyGAN.fit` makes; unseen in training, no labels). The checkpoint, the critic and the heatmap are
 the run's own; the memory's bank is built by `HealthyGAN.healthy_patch_bank`, as `fit` does. Prints the validation
 AUROC of the critic's score, of the memory alone and of F (and with --test the same on the test split, with 95%
-bootstrap intervals as `run_method` computes them).
+bootstrap intervals as `run_method` computes them). --unseen adds a wider set of non-test scans (`unseen_records`:
+the held-out healthy scans, the unlabeled pool with its labels, the validation lesions and the unused scans, at most
+--per-class of each label). The critic trained on most of that pool as A: the wider set compares variants trained
+the same way (docs/experiments.md, section 14), it does not stand for their test numbers. --neighbourhood K builds
+the memory over K x K patch neighbourhoods (`nearest_neighbourhood`) whatever the model was saved with. Where the
+validation scans have lesion masks (lgg_flair), the nearest-patch map's pixel AUROC inside the head is printed too.
 """
 
 from __future__ import annotations
@@ -25,9 +30,20 @@ from sklearn.metrics import roc_auc_score
 from scanomaly.data import load_images
 from scanomaly.detector import Detector
 from scanomaly.methods.healthygan import _split_off
+from scanomaly.localization import foreground_mask, pixel_auroc
 from scanomaly.metrics import bootstrap_auroc_ci
 from scanomaly.pipeline import without_labels
 from scanomaly.splits import read_split_manifest
+
+
+def unseen_records(split, per_class: int, seed: int = 0) -> list:
+    """Neither B nor test: at most per_class scans of each label, a seeded sample."""
+    records = split.healthy_holdout + split.unlabeled + split.val_abnormal + split.unused
+    rng, out = np.random.default_rng(seed), []
+    for label in (0, 1):
+        group = [r for r in records if r.label == label]
+        out += [group[i] for i in sorted(rng.permutation(len(group))[:per_class])]
+    return out
 
 
 def components(det, images) -> np.ndarray:
@@ -40,6 +56,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", type=Path, nargs="+")
     ap.add_argument("--test", action="store_true", help="also score the test split (once, after the choice)")
+    ap.add_argument("--unseen", action="store_true", help="also score the wider set of non-test scans")
+    ap.add_argument("--per-class", type=int, default=400, help="--unseen: at most this many scans of each label")
+    ap.add_argument("--neighbourhood", type=int, default=None, help="the memory's K x K neighbourhoods (default: the model's)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     table = {}
@@ -50,17 +69,26 @@ def main() -> None:
         load = lambda records: load_images(records, det.preprocessing, progress=False)  # noqa: E731
         healthy = load(split.healthy)
         det.config.score, det.config.heatmap = "critic", "nearest"  # the parts: the critic's deficit, the memory's map
+        if args.neighbourhood is not None:
+            det.config.nearest_neighbourhood = args.neighbourhood
         det.healthy_patches = det.healthy_patch_bank(healthy.images)
         # the scans AUCp compared: the hold-out given to fit (else split off B) and the pool split off A, as fit does
         _, pool = _split_off(load(without_labels(split.unlabeled)).images, c.holdout_fraction, c.seed)
         hold = load(split.healthy_holdout).images if split.healthy_holdout else _split_off(healthy.images, c.holdout_fraction, c.seed)[1]
         sigma = components(det, torch.cat([hold, pool[: c.aucp_pool]])).std(0, ddof=1)
         row = {"sigma": sigma.tolist(), "n_sigma": len(hold) + len(pool[: c.aucp_pool])}
-        parts = {"val": load(split.val), **({"test": load(split.test)} if args.test else {})}
+        parts = {"val": load(split.val)}
+        if args.unseen:
+            parts["unseen"] = load(unseen_records(split, args.per_class))
+        if args.test:
+            parts["test"] = load(split.test)
         for part, images in parts.items():
             y, comp = np.asarray(images.labels), components(det, images)
             scores = {"critic": comp[:, 0], "memory": comp[:, 1], "F": (comp / sigma).sum(1)}
             row[part] = {k: float(roc_auc_score(y, s)) for k, s in scores.items()}
+            if part == "val" and images.masks is not None:
+                row["val"]["pixel"] = pixel_auroc(det.score(images)[1], images.masks.numpy().astype(bool),
+                                                  foreground_mask(images.images.numpy()))
             if part == "test":
                 row["test_ci"] = {k: bootstrap_auroc_ci(y, s, seed=c.seed) for k, s in scores.items()}
         table[str(run)] = row

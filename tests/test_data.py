@@ -198,3 +198,15 @@ def test_preprocessing_can_equalise():
     assert t.shape == (1, 16, 16) and t.min() < -0.9 and t.max() > 0.9  # stretched to the full range
     with pytest.raises(ScanomalyError, match="intensity"):
         Preprocessing(intensity="histogram")
+
+
+def test_intensity_none_from_the_command_line():
+    # `--set intensity=none` parses "none" as None: it must mean no intensity change, not an error
+    from scanomaly.detector import get_method
+    from scanomaly.options import parse_set, split_options
+
+    config, prep = split_options(get_method("healthygan"), parse_set(["intensity=none", "top_crop=0"]))
+    det = get_method("healthygan").from_profile("tiny", config, prep)
+    assert det.preprocessing.intensity == "none" and det.preprocessing.top_crop == 0
+    img = np.linspace(0.2, 0.4, 32 * 32, dtype=np.float32).reshape(32, 32)
+    assert np.array_equal(Preprocessing(intensity=None).apply(img), Preprocessing(intensity="none").apply(img))

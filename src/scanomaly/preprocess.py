@@ -33,6 +33,8 @@ class Preprocessing:
             raise ScanomalyError(f"channels must be 1 or 3, got {self.channels}")
         if not 0.0 <= self.top_crop < 1.0:
             raise ScanomalyError(f"top_crop must be in [0, 1), got {self.top_crop}")
+        if self.intensity is None:  # `--set intensity=none` parses "none" as None
+            object.__setattr__(self, "intensity", "none")  # a frozen dataclass
         if self.intensity not in INTENSITY_MODES:
             raise ScanomalyError(f"intensity must be one of {INTENSITY_MODES}, got {self.intensity!r}")
 
