@@ -1,7 +1,7 @@
 """HealthyGAN: the critic's score and the nearest-patch memory together (docs/experiments.md, section 13). VALIDATION
 unless --test (once, after the choice).
 
-    python benchmarks/healthygan_fused_score.py RUN [RUN ...] [--unseen] [--neighbourhood K] [--test]
+    python benchmarks/healthygan_fused_score.py RUN [RUN ...] [--unseen] [--test]
 
 RUN: a `benchmarks/run_method.py` run of the cpu profile (critic="lite0", score="critic"). For each, the candidate
 score F = deficit / σ_critic + max(nearest-patch map) / σ_memory, each σ the standard deviation of that component
@@ -12,9 +12,8 @@ AUROC of the critic's score, of the memory alone and of F (and with --test the s
 bootstrap intervals as `run_method` computes them). --unseen adds a wider set of non-test scans (`unseen_records`:
 the held-out healthy scans, the unlabeled pool with its labels, the validation lesions and the unused scans, at most
 --per-class of each label). The critic trained on most of that pool as A: the wider set compares variants trained
-the same way (docs/experiments.md, section 14), it does not stand for their test numbers. --neighbourhood K builds
-the memory over K x K patch neighbourhoods (`nearest_neighbourhood`) whatever the model was saved with. Where the
-validation scans have lesion masks (lgg_flair), the nearest-patch map's pixel AUROC inside the head is printed too.
+the same way (docs/experiments.md, section 14), it does not stand for their test numbers. Where the validation scans
+have lesion masks (lgg_flair), the nearest-patch map's pixel AUROC inside the head is printed too.
 """
 
 from __future__ import annotations
@@ -58,7 +57,6 @@ def main() -> None:
     ap.add_argument("--test", action="store_true", help="also score the test split (once, after the choice)")
     ap.add_argument("--unseen", action="store_true", help="also score the wider set of non-test scans")
     ap.add_argument("--per-class", type=int, default=400, help="--unseen: at most this many scans of each label")
-    ap.add_argument("--neighbourhood", type=int, default=None, help="the memory's K x K neighbourhoods (default: the model's)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     table = {}
@@ -69,8 +67,6 @@ def main() -> None:
         load = lambda records: load_images(records, det.preprocessing, progress=False)  # noqa: E731
         healthy = load(split.healthy)
         det.config.score, det.config.heatmap = "critic", "nearest"  # the parts: the critic's deficit, the memory's map
-        if args.neighbourhood is not None:
-            det.config.nearest_neighbourhood = args.neighbourhood
         det.healthy_patches = det.healthy_patch_bank(healthy.images)
         # the scans AUCp compared: the hold-out given to fit (else split off B) and the pool split off A, as fit does
         _, pool = _split_off(load(without_labels(split.unlabeled)).images, c.holdout_fraction, c.seed)

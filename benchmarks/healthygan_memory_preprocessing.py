@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from scanomaly.data import load_images
@@ -46,10 +47,10 @@ def memory_scores(det, prep: Preprocessing, split, records, scale: float, aggreg
     critic = det.scoring["critic"].eval()
     critic.scale = scale
     # aggregate: each patch averaged with its 3 x 3 neighbours, in the bank and in the queries (PatchCore's step 1)
-    det.config.nearest_neighbourhood = 3 if aggregate else 1
+    trunk_features = type(critic).features.__get__(critic)
+    critic.features = (lambda x: F.avg_pool2d(trunk_features(x), 3, 1, 1)) if aggregate else trunk_features
     det.preprocessing = prep
-    nearest = NearestHealthyPatch(critic, det.healthy_patch_bank(load(split.healthy).images),
-                                  neighbourhood=det.config.nearest_neighbourhood)
+    nearest = NearestHealthyPatch(critic, det.healthy_patch_bank(load(split.healthy).images))
     images = load(records)
     x = images.images
     scores = torch.cat([nearest(x[i : i + 64]).flatten(1).amax(1) for i in range(0, len(x), 64)])

@@ -163,46 +163,8 @@ def test_the_fused_score_needs_held_out_scans_and_says_so_before_training(tmp_pa
     ({"heatmap": "nearest", "score": "pixel"}, "needs critic=lite0 and the critic's score"),
     ({"heatmap": "score", "score": "critic+nearest"}, "needs critic=lite0 and heatmap=nearest"),
     ({"critic": "patch", "score": "critic+nearest"}, "needs critic=lite0 and heatmap=nearest"),
-    ({"nearest_neighbourhood": 2}, "odd number of patches"),
-    ({"nearest_neighbourhood": 0}, "odd number of patches"),
 ])
 def test_heatmap_option_errors(overrides, message):
     with pytest.raises(ScanomalyError, match=message):
         nearest_detector(**overrides)
 
-
-@pytest.fixture(scope="module")
-def neighbourhoods() -> HealthyGAN:
-    return nearest_detector(nearest_neighbourhood=3).fit(blobs(8, seed=1), blobs(8, seed=2), progress=False)
-
-
-def test_neighbourhoods_average_each_patch_with_its_3x3_neighbours_in_bank_and_queries(fitted, neighbourhoods):
-    """The same training (seeded), the memory over 3 x 3 neighbourhoods: the bank holds coreset rows of B's averaged
-    patches, the map is the exact nearest distance of the averaged queries, and it differs from the single patch's."""
-    b, x = blobs(8, seed=1), blobs(3, seed=4, lesion=True)
-    critic = neighbourhoods.scoring["critic"]
-    with torch.no_grad():
-        f = critic.features(b)
-        averaged = torch.nn.functional.avg_pool2d(f, 3, stride=1, padding=1)
-        # a 3 x 3 mean by hand at one inner patch
-        torch.testing.assert_close(averaged[0, :, 4, 5], f[0, :, 3:6, 4:7].mean((1, 2)))
-        rows = averaged.permute(0, 2, 3, 1).flatten(0, 2)
-        assert float(torch.cdist(neighbourhoods.healthy_patches, rows).min(1).values.max()) < 1e-4
-        assert float(torch.cdist(neighbourhoods.healthy_patches, f.permute(0, 2, 3, 1).flatten(0, 2)).min(1).values.max()) > 1e-4
-        q = torch.nn.functional.avg_pool2d(critic.features(x), 3, stride=1, padding=1)
-        exact = torch.cdist(q.permute(0, 2, 3, 1).flatten(0, 2), neighbourhoods.healthy_patches).min(1).values
-        expected = hg.pf.to_anomaly_map(exact.view(3, *q.shape[-2:]), 32, 4.0)
-    _, maps = neighbourhoods.score(x)
-    torch.testing.assert_close(torch.as_tensor(maps), expected, rtol=1e-4, atol=1e-4)
-    assert not np.allclose(maps, fitted.score(x)[1])
-
-
-def test_neighbourhoods_save_load_and_export(neighbourhoods, tmp_path):
-    x = blobs(4, seed=9, lesion=True)
-    s1, m1 = neighbourhoods.score(x)
-    loaded = Detector.load(neighbourhoods.save(tmp_path / "model"))
-    assert loaded.config.nearest_neighbourhood == 3
-    s2, m2 = loaded.score(x)
-    np.testing.assert_array_equal(s1, s2)
-    np.testing.assert_array_equal(m1, m2)
-    assert_onnx_parity(neighbourhoods, tmp_path / "model.onnx")

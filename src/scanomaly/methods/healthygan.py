@@ -27,7 +27,6 @@ unlabeled set A and a known-healthy set B; the anomaly is what had to change.
     option score="critic+nearest" (with heatmap="nearest"): deficit / σ_critic + max(nearest-patch map) / σ_memory,
             each σ the standard deviation of that part over the scans AUCp compares (unseen in training, no labels):
             the trained verdict on the whole scan beside a memory that needs no training
-    option nearest_neighbourhood=k: the memory over k x k patch neighbourhoods (PatchCore's local awareness)
 
 What differs from the official code, and why (measured in BENCHMARKS.md): the learning rate really
 decays linearly to 0 over the last quarter (the official decrement is ~1e-9 per step, i.e. none);
@@ -183,24 +182,20 @@ class CriticDeficit(nn.Module):
 
 class NearestHealthyPatch(nn.Module):
     """Where a scan's features leave healthy ones: for each patch of the pretrained critic's frozen trunk
-    features (each averaged with its k x k neighbours when `neighbourhood` is k > 1, PatchCore's local
-    awareness), the Euclidean distance to its nearest patch in `bank` (a coreset of B's patches, taken the same
-    way), upsampled and blurred (sigma in image pixels) as PatchCore's map. The trunk is the critic's own: no
-    second backbone. x [N, C, S, S] -> heatmap [N, S, S]. The bank is searched in fixed slices, so the memory
-    stays bounded and the loop over them traces to ONNX."""
+    features, the Euclidean distance to its nearest patch in `bank` (a coreset of B's patches), upsampled
+    and blurred (sigma in image pixels) as PatchCore's map. The trunk is the critic's own: no second
+    backbone. x [N, C, S, S] -> heatmap [N, S, S]. The bank is searched in fixed slices, so the memory
+    stays bounded and the loop over them traces to ONNX. (Patches averaged over 3 x 3 neighbourhoods, as
+    PatchCore's, lost on lgg_flair's lesion masks: docs/experiments.md, section 14.)"""
 
-    def __init__(self, critic: "PretrainedPatchCritic", bank: torch.Tensor, sigma: float = 4.0, neighbourhood: int = 1):
+    def __init__(self, critic: "PretrainedPatchCritic", bank: torch.Tensor, sigma: float = 4.0):
         super().__init__()
-        self.critic, self.sigma, self.neighbourhood = critic, sigma, neighbourhood
+        self.critic, self.sigma = critic, sigma
         self.register_buffer("bank", bank)
         self.register_buffer("bank_sq", (bank * bank).sum(1))
 
-    def patches(self, x: torch.Tensor) -> torch.Tensor:
-        """The trunk's patch features of x [N, C, h, w], over k x k neighbourhoods."""
-        return local_patches(self.critic, x, self.neighbourhood)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.patches(x)
+        f = self.critic.features(x)
         n, c, h, w = f.shape
         with torch.autocast(device_type=x.device.type, enabled=False):  # distances in float32, never bf16
             q = f.float().permute(0, 2, 3, 1).reshape(-1, c)
@@ -212,14 +207,6 @@ class NearestHealthyPatch(nn.Module):
                 d2 = part if d2 is None else torch.minimum(d2, part)
             distance = d2.clamp_min(0).sqrt().view(n, h, w)
             return pf.to_anomaly_map(distance, x.shape[-1], self.sigma)
-
-
-def local_patches(critic: "PretrainedPatchCritic", x: torch.Tensor, neighbourhood: int) -> torch.Tensor:
-    """The critic trunk's features of x, each averaged over its neighbourhood x neighbourhood patches (1: as they are)."""
-    f = critic.features(x)
-    if neighbourhood > 1:
-        f = nn.functional.avg_pool2d(f, neighbourhood, stride=1, padding=neighbourhood // 2)
-    return f
 
 
 NEAREST_SLICE = 4096  # bank rows per distance block: 64 scans x 256 patches x 4096 x 4 B = 256 MiB
@@ -355,15 +342,14 @@ class HealthyGANConfig(LoopConfig):
     # the heatmap: "score" (the score's own map) or "nearest" (NearestHealthyPatch on the pretrained critic's
     # trunk, beside the critic's score; needs critic="lite0" and score="critic" or "critic+nearest")
     heatmap: str = "score"
-    # heatmap="nearest": each trunk patch averaged over its k x k neighbours, in the bank and in the queries (PatchCore's
-    # step 1); 1, the patch alone, is how models saved before the option existed were built
-    nearest_neighbourhood: int = 1
     # the rest of the loop's settings (batch_size 16, lr_decay_fraction 0.25, ema_decay 0.999: the EMA generator
     # scores, hflip, seed, keep_snapshots) keep LoopConfig's defaults
 
     retired_options: ClassVar[dict] = {**LoopConfig.retired_options, "mask_offset": 0.0, "critic_final_size": 4,
                                      # DiffAugment for the critic: lost two validation rounds (BENCHMARKS.md, A1 and P2)
-                                     "critic_augment": ""}
+                                     "critic_augment": "",
+                                     # the memory over 3 x 3 patch neighbourhoods: lost its round (section 14)
+                                     "nearest_neighbourhood": 1}
 
 
 SCORES = ("pixel", "features", "critic", "critic+nearest")
@@ -456,8 +442,6 @@ class HealthyGAN(GANDetector):
                                  f"critic's features: it needs critic=lite0 and heatmap=nearest (got critic={c.critic}, "
                                  f"heatmap={c.heatmap}); otherwise score with the critic alone: --set score=critic "
                                  "heatmap=score")
-        if c.nearest_neighbourhood < 1 or c.nearest_neighbourhood % 2 == 0:
-            raise ScanomalyError(f"nearest_neighbourhood must be an odd number of patches (1, 3, ...), got {c.nearest_neighbourhood}")
         if c.heatmap == "nearest" and (c.critic != "lite0" or c.score not in CRITIC_SCORES):
             raise ScanomalyError("heatmap=nearest searches the pretrained critic's features: it needs critic=lite0 "
                                  f"and the critic's score (got critic={c.critic}, score={c.score}); with another critic "
@@ -558,17 +542,16 @@ class HealthyGAN(GANDetector):
         """heatmap="nearest": a greedy k-center coreset (PatchCore's, seeded) of NEAREST_CORESET_FRACTION of
         the critic trunk's patch features of the healthy scans [M, C]. The trunk is frozen, so this depends on
         B alone, not on the training."""
-        feats = self.trunk_patches(healthy, self.config.nearest_neighbourhood)
+        feats = self.trunk_patches(healthy)
         keep = greedy_coreset(feats, math.ceil(NEAREST_CORESET_FRACTION * len(feats)), seed=self.config.seed)
         return feats[keep].contiguous()
 
     @torch.no_grad()
-    def trunk_patches(self, images: torch.Tensor, neighbourhood: int = 1, batch_size: int = 64) -> torch.Tensor:
-        """Every patch feature the pretrained critic's trunk sees in `images` (over neighbourhood x neighbourhood
-        patches, `local_patches`): [N·h·w, C], float32."""
+    def trunk_patches(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Every patch feature the pretrained critic's trunk sees in `images`: [N·h·w, C], float32."""
         critic = self.scoring["critic"]
-        return torch.cat([local_patches(critic, images[i : i + batch_size].to(self.device), neighbourhood).float()
-                          .permute(0, 2, 3, 1).flatten(0, 2) for i in range(0, len(images), batch_size)])
+        return torch.cat([critic.features(images[i : i + batch_size].to(self.device)).float().permute(0, 2, 3, 1).flatten(0, 2)
+                          for i in range(0, len(images), batch_size)])
 
     def _critic_memorisation(self, x_b: torch.Tensor, x_hold: torch.Tensor) -> float:
         """AUROC of the scoring critic's deficit, B's training scans (0) against the held-out healthy ones (1):
@@ -624,8 +607,7 @@ class HealthyGAN(GANDetector):
     def _scorer(self, networks, critic_reference, healthy_patches=None, fused_scales=None) -> HealthyScorer:
         """(During training no bank exists and AUCp needs only the critic's scores.)"""
         deficit = None if critic_reference is None else CriticDeficit(networks["critic"], critic_reference)
-        nearest = None if healthy_patches is None else NearestHealthyPatch(networks["critic"], healthy_patches,
-                                                                           neighbourhood=self.config.nearest_neighbourhood)
+        nearest = None if healthy_patches is None else NearestHealthyPatch(networks["critic"], healthy_patches)
         return HealthyScorer(networks["generator"], self.feature_distance, deficit, nearest, fused_scales)
 
     # -- persistence (GANDetector): the scoring generator is the model, with the critic and its reference
