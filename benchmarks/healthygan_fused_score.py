@@ -8,7 +8,8 @@ score F = deficit / σ_critic + max(nearest-patch map) / σ_memory, each σ the 
 over the scans AUCp compared in training: the held-out healthy scans and the held-out unlabeled pool (the same
 seeded split `HealthyGAN.fit` makes; unseen in training, no labels). The checkpoint, the critic and the heatmap are
 the run's own; the memory's bank is built by `HealthyGAN.healthy_patch_bank`, as `fit` does. Prints the validation
-AUROC of the critic's score, of the memory alone and of F (and with --test the same on the test split, with 95%
+AUROC of the critic's score, of the memory alone, of F and of W (section 15: the critic's part weighted by how
+little it has memorised B) (and with --test the same on the test split, with 95%
 bootstrap intervals as `run_method` computes them). --unseen adds a wider set of non-test scans (`unseen_records`:
 the held-out healthy scans, the unlabeled pool with its labels, the validation lesions and the unused scans, at most
 --per-class of each label). The critic trained on most of that pool as A: the wider set compares variants trained
@@ -72,7 +73,12 @@ def main() -> None:
         _, pool = _split_off(load(without_labels(split.unlabeled)).images, c.holdout_fraction, c.seed)
         hold = load(split.healthy_holdout).images if split.healthy_holdout else _split_off(healthy.images, c.holdout_fraction, c.seed)[1]
         sigma = components(det, torch.cat([hold, pool[: c.aucp_pool]])).std(0, ddof=1)
-        row = {"sigma": sigma.tolist(), "n_sigma": len(hold) + len(pool[: c.aucp_pool])}
+        # W (section 15): the critic's part weighted by w = clip(2 (1 − m), 0, 1), m its memorisation of B as fit
+        # measures it (B's training scans against the held-out healthy ones)
+        b_train = healthy.images if split.healthy_holdout else _split_off(healthy.images, c.holdout_fraction, c.seed)[0]
+        m = det._critic_memorisation(b_train, hold)
+        weight = float(np.clip(2 * (1 - m), 0, 1))
+        row = {"sigma": sigma.tolist(), "n_sigma": len(hold) + len(pool[: c.aucp_pool]), "memorisation": m, "w": weight}
         parts = {"val": load(split.val)}
         if args.unseen:
             parts["unseen"] = load(unseen_records(split, args.per_class))
@@ -80,7 +86,8 @@ def main() -> None:
             parts["test"] = load(split.test)
         for part, images in parts.items():
             y, comp = np.asarray(images.labels), components(det, images)
-            scores = {"critic": comp[:, 0], "memory": comp[:, 1], "F": (comp / sigma).sum(1)}
+            scores = {"critic": comp[:, 0], "memory": comp[:, 1], "F": (comp / sigma).sum(1),
+                      "W": weight * comp[:, 0] / sigma[0] + comp[:, 1] / sigma[1]}
             row[part] = {k: float(roc_auc_score(y, s)) for k, s in scores.items()}
             if part == "val" and images.masks is not None:
                 row["val"]["pixel"] = pixel_auroc(det.score(images)[1], images.masks.numpy().astype(bool),

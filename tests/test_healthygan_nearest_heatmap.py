@@ -168,3 +168,28 @@ def test_heatmap_option_errors(overrides, message):
     with pytest.raises(ScanomalyError, match=message):
         nearest_detector(**overrides)
 
+
+
+def test_the_critic_weight_falls_from_chance_to_complete_memorisation():
+    assert [hg.critic_weight(m) for m in (None, 0.3, 0.5, 0.75, 0.9, 1.0)] == pytest.approx([1, 1, 1, 0.5, 0.2, 0])
+
+
+@pytest.mark.filterwarnings("ignore:AUCp checkpoint selection", "ignore:the critic tells")
+@pytest.mark.parametrize("memorisation", [0.9, 1.0])
+def test_a_critic_that_has_learned_b_gets_less_say_in_the_fused_score(monkeypatch, memorisation):
+    """The same seeded fit, once with the critic's memorisation measured at chance and once high: the memory's scale
+    is the same, the critic's is divided by its weight; at complete memorisation the score is the memory's alone."""
+    def fit(m):
+        monkeypatch.setattr(HealthyGAN, "_critic_memorisation", lambda self, x_b, x_hold: m)
+        return nearest_detector(score="critic+nearest", selection="last").fit(blobs(12, seed=1), blobs(12, seed=2),
+                                                                               progress=False)
+    chance, learned = fit(0.5), fit(memorisation)
+    torch.testing.assert_close(learned.fused_scales[1], chance.fused_scales[1])
+    x = torch.cat([blobs(3, seed=9), blobs(3, seed=9, lesion=True)])
+    scores, maps = learned.score(x)
+    if memorisation < 1:
+        torch.testing.assert_close(learned.fused_scales[0], chance.fused_scales[0] / hg.critic_weight(memorisation))
+    else:
+        assert torch.isinf(learned.fused_scales[0])
+        np.testing.assert_allclose(scores, maps.reshape(6, -1).max(1) / float(learned.fused_scales[1]), rtol=1e-5)
+    assert np.all(np.isfinite(scores))
