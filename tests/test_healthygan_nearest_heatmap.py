@@ -176,7 +176,7 @@ def test_the_critic_weight_falls_from_chance_to_complete_memorisation():
 
 @pytest.mark.filterwarnings("ignore:AUCp checkpoint selection", "ignore:the critic tells")
 @pytest.mark.parametrize("memorisation", [0.9, 1.0])
-def test_a_critic_that_has_learned_b_gets_less_say_in_the_fused_score(monkeypatch, memorisation):
+def test_a_critic_that_has_learned_b_gets_less_say_in_the_fused_score(monkeypatch, tmp_path, memorisation):
     """The same seeded fit, once with the critic's memorisation measured at chance and once high: the memory's scale
     is the same, the critic's is divided by its weight; at complete memorisation the score is the memory's alone."""
     def fit(m):
@@ -193,3 +193,10 @@ def test_a_critic_that_has_learned_b_gets_less_say_in_the_fused_score(monkeypatc
         assert torch.isinf(learned.fused_scales[0])
         np.testing.assert_allclose(scores, maps.reshape(6, -1).max(1) / float(learned.fused_scales[1]), rtol=1e-5)
     assert np.all(np.isfinite(scores))
+    # saved and exported with the weight inside the critic's scale (an infinite one included)
+    np.testing.assert_array_equal(Detector.load(learned.save(tmp_path / "model")).score(x)[0], scores)
+    pytest.importorskip("onnxruntime")
+    from scanomaly.export import OnnxScorer, export_onnx
+
+    o_scores, _ = OnnxScorer(export_onnx(learned, tmp_path / "model.onnx").path).score(x, batch_size=4)
+    np.testing.assert_allclose(o_scores, scores, rtol=1e-3)
