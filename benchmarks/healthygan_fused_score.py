@@ -3,14 +3,14 @@ unless --test (once, after the choice).
 
     python benchmarks/healthygan_fused_score.py RUN [RUN ...] [--unseen] [--test]
 
-RUN: a `benchmarks/run_method.py` run of the cpu profile (critic="lite0", score="critic"). For each, the candidate
-score F = deficit / σ_critic + max(nearest-patch map) / σ_memory, each σ the standard deviation of that component
+RUN: a `benchmarks/run_method.py` run of the cpu profile (critic="lite0"; score "critic" or "critic+nearest"). For
+each, F = deficit / σ_critic + max(nearest-patch map) / σ_memory, each σ the standard deviation of that component
 over the scans AUCp compared in training: the held-out healthy scans and the held-out unlabeled pool (the same
-seeded split `HealthyGAN.fit` makes; unseen in training, no labels). The checkpoint, the critic and the heatmap are
-the run's own; the memory's bank is built by `HealthyGAN.healthy_patch_bank`, as `fit` does. Prints the validation
-AUROC of the critic's score, of the memory alone, of F and of W (section 15: the critic's part weighted by how
-little it has memorised B) (and with --test the same on the test split, with 95%
-bootstrap intervals as `run_method` computes them). --unseen adds a wider set of non-test scans (`unseen_records`:
+seeded split `HealthyGAN.fit` makes; unseen in training, no labels), and W (section 15), F with the critic's part
+weighted by `critic_weight` of its memorisation of B, as `fit` now scores. The checkpoint, the critic and the heatmap
+are the run's own; the memory's bank is built by `HealthyGAN.healthy_patch_bank`, as `fit` does. Prints the
+validation AUROC of the critic's score, of the memory alone, of F and of W (with --test the same on the test split,
+with 95% bootstrap intervals as `run_method` computes them). --unseen adds a wider set of non-test scans (`unseen_records`:
 the held-out healthy scans, the unlabeled pool with its labels, the validation lesions and the unused scans, at most
 --per-class of each label). The critic trained on most of that pool as A: the wider set compares variants trained
 the same way (docs/experiments.md, section 14), it does not stand for their test numbers. Where the validation scans
@@ -29,7 +29,7 @@ from sklearn.metrics import roc_auc_score
 
 from scanomaly.data import load_images
 from scanomaly.detector import Detector
-from scanomaly.methods.healthygan import _split_off
+from scanomaly.methods.healthygan import _split_off, critic_weight
 from scanomaly.localization import foreground_mask, pixel_auroc
 from scanomaly.metrics import bootstrap_auroc_ci
 from scanomaly.pipeline import without_labels
@@ -77,7 +77,7 @@ def main() -> None:
         # measures it (B's training scans against the held-out healthy ones)
         b_train = healthy.images if split.healthy_holdout else _split_off(healthy.images, c.holdout_fraction, c.seed)[0]
         m = det._critic_memorisation(b_train, hold)
-        weight = float(np.clip(2 * (1 - m), 0, 1))
+        weight = critic_weight(m)
         row = {"sigma": sigma.tolist(), "n_sigma": len(hold) + len(pool[: c.aucp_pool]), "memorisation": m, "w": weight}
         parts = {"val": load(split.val)}
         if args.unseen:

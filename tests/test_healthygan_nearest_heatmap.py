@@ -200,3 +200,11 @@ def test_a_critic_that_has_learned_b_gets_less_say_in_the_fused_score(monkeypatc
 
     o_scores, _ = OnnxScorer(export_onnx(learned, tmp_path / "model.onnx").path).score(x, batch_size=4)
     np.testing.assert_allclose(o_scores, scores, rtol=1e-3)
+
+
+@pytest.mark.filterwarnings("ignore:AUCp checkpoint selection")
+def test_the_memorisation_warning_names_the_critics_weight(monkeypatch):
+    monkeypatch.setattr(hg, "CRITIC_MEMORISATION_WARN", 0.0)  # every value warns
+    det = nearest_detector(score="critic+nearest", selection="last")
+    with pytest.warns(UserWarning, match=r"learned B itself.*gives its part the weight \d\.\d\d"):
+        det.fit(blobs(12, seed=1), blobs(12, seed=2), progress=False)

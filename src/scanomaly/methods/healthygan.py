@@ -567,8 +567,9 @@ class HealthyGAN(GANDetector):
         if auroc >= CRITIC_MEMORISATION_WARN:
             warnings.warn(
                 f"the critic tells its {len(s_b)} healthy training scans from {len(s_hold)} held-out healthy ones "
-                f"(AUROC {auroc:.2f}): it has learned B itself, and unseen healthy scans will score as anomalies. "
-                "Give more healthy scans.",
+                f"(AUROC {auroc:.2f}): it has learned B itself, and unseen healthy scans will score as anomalies"
+                + (f" (score=critic+nearest gives its part the weight {critic_weight(auroc):.2f})"
+                   if self.config.score == "critic+nearest" else "") + ". Give more healthy scans.",
                 stacklevel=3,
             )
         return auroc
@@ -682,6 +683,7 @@ def critic_weight(memorisation: float | None) -> float:
     every training scan from every held-out one, whose verdict on unseen scans is then "not in B" more than "not
     healthy" (docs/experiments.md, section 15). Unmeasured (nothing held out): full."""
     return 1.0 if memorisation is None else float(min(max(2.0 * (1.0 - memorisation), 0.0), 1.0))
+
 
 # Below this many held-out images per side, AUCp moves in steps of several hundredths from one
 # image's rank and picks checkpoints almost at random (measured on BUSI / brain_tumor_small with
