@@ -277,3 +277,16 @@ def test_nan_guard_stops_with_clear_message_and_keeps_checkpoint(tmp_path, monke
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["step"] == 10
     assert all(torch.isfinite(v).all() for v in state["modules"]["generator"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("n, fraction, n_held", [(1, 0.1, 0), (2, 0.1, 1), (10, 0.1, 1), (31, 0.1, 3), (5, 0.9, 4)])
+def test_the_hold_out_takes_at_least_one_never_all_and_names_the_same_scans_every_time(n, fraction, n_held):
+    """Benchmarks rebuild which scans fit held out (AUCp's pool) from `split_off_indices`: it must be `_split_off`'s."""
+    from scanomaly.methods.healthygan import _split_off, split_off_indices
+
+    kept, held = split_off_indices(n, fraction, seed=3)
+    assert len(held) == n_held and sorted(torch.cat([kept, held]).tolist()) == list(range(n))
+    x = torch.arange(n)
+    x_kept, x_held = _split_off(x, fraction, seed=3)
+    assert x_held.tolist() == held.tolist() and x_kept.tolist() == kept.tolist()
+    assert split_off_indices(n, fraction, seed=3)[1].tolist() == held.tolist()

@@ -703,7 +703,13 @@ def _warn_if_aucp_is_coarse(n_healthy: int, n_unlabeled: int) -> None:
 
 def _split_off(x: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Hold a seeded `fraction` of x out of training (at least one image when x has two or more)."""
-    n_hold = int(round(len(x) * fraction))
-    n_hold = min(max(n_hold, 1 if len(x) > 1 else 0), len(x) - 1)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed + 1))
-    return x[perm[n_hold:]], x[perm[:n_hold]]
+    kept, held = split_off_indices(len(x), fraction, seed)
+    return x[kept], x[held]
+
+
+def split_off_indices(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_split_off`'s choice as indices (kept, held out): which records of a split the fit held out."""
+    n_hold = int(round(n * fraction))
+    n_hold = min(max(n_hold, 1 if n > 1 else 0), n - 1)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
+    return perm[n_hold:], perm[:n_hold]
