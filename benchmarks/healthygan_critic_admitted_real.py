@@ -22,13 +22,11 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from scanomaly.data import load_images
-from scanomaly.detector import Detector
 from scanomaly.methods.healthygan import HealthyGAN, split_off_indices
 from scanomaly.pipeline import without_labels
-from scanomaly.splits import read_split_manifest
 
-from healthygan_memory_variants import healthy_looking, sample, two_folds
+from healthygan_fused_score import open_run, per_label_sample
+from healthygan_memory_variants import healthy_looking, two_folds
 
 
 def main() -> None:
@@ -37,10 +35,8 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--per-class", type=int, default=400)
     args = ap.parse_args()
-    profile = Detector.load(args.profile_run / "model")
+    profile, split, load = open_run(args.profile_run)
     c = profile.config
-    split = read_split_manifest(args.profile_run / "split.csv")
-    load = lambda records: load_images(records, profile.preprocessing, progress=False)  # noqa: E731
     x_b, hold = load(split.healthy).images, load(split.healthy_holdout).images
     a_kept, a_pool = split_off_indices(len(split.unlabeled), c.holdout_fraction, c.seed)  # as fit splits A
     a_train = load([split.unlabeled[i] for i in a_kept.tolist()])
@@ -59,7 +55,7 @@ def main() -> None:
     pool = [split.unlabeled[i] for i in a_pool.tolist()][: c.aucp_pool]
     this = [r for r, f in zip(a_train.records, folds) if f == 0]
     others = list(split.healthy_holdout) + pool + list(split.val_abnormal) + list(split.unused)
-    scored = load(sample(this + others, args.per_class, seed=c.seed))
+    scored = load(per_label_sample(this + others, args.per_class, seed=c.seed))
     y = np.asarray(scored.labels)
     for name, det in {"profile": profile, "admitted_real": model}.items():
         det.config.score = "critic"  # the critic's deficit alone (the memory's bank does not enter it)

@@ -36,14 +36,25 @@ from scanomaly.pipeline import without_labels
 from scanomaly.splits import read_split_manifest
 
 
-def unseen_records(split, per_class: int, seed: int = 0) -> list:
-    """Neither B nor test: at most per_class scans of each label, a seeded sample."""
-    records = split.healthy_holdout + split.unlabeled + split.val_abnormal + split.unused
+def open_run(run: Path):
+    """A `run_method` run's model, its split, and a loader of records with the model's preprocessing."""
+    det = Detector.load(run / "model")
+    load = lambda records: load_images(records, det.preprocessing, progress=False)  # noqa: E731
+    return det, read_split_manifest(run / "split.csv"), load
+
+
+def per_label_sample(records, per_class: int, seed: int) -> list:
+    """At most per_class records of each label, a seeded sample in the records' order."""
     rng, out = np.random.default_rng(seed), []
     for label in (0, 1):
         group = [r for r in records if r.label == label]
         out += [group[i] for i in sorted(rng.permutation(len(group))[:per_class])]
     return out
+
+
+def unseen_records(split, per_class: int, seed: int = 0) -> list:
+    """Neither B nor test: at most per_class scans of each label, a seeded sample."""
+    return per_label_sample(split.healthy_holdout + split.unlabeled + split.val_abnormal + split.unused, per_class, seed)
 
 
 def components(det, images) -> np.ndarray:
@@ -62,10 +73,8 @@ def main() -> None:
     args = ap.parse_args()
     table = {}
     for run in args.runs:
-        det = Detector.load(run / "model")
+        det, split, load = open_run(run)
         c = det.config
-        split = read_split_manifest(run / "split.csv")
-        load = lambda records: load_images(records, det.preprocessing, progress=False)  # noqa: E731
         healthy = load(split.healthy)
         det.config.score, det.config.heatmap = "critic", "nearest"  # the parts: the critic's deficit, the memory's map
         det.healthy_patches = det.healthy_patch_bank(healthy.images)

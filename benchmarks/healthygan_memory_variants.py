@@ -43,14 +43,11 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-from scanomaly.data import load_images
-from scanomaly.detector import Detector
 from scanomaly.localization import foreground_mask, pixel_auroc
 from scanomaly.methods.healthygan import NearestHealthyPatch, critic_weight, split_off_indices
 from scanomaly.methods.patchcore import greedy_coreset, nearest_neighbors, reweighted_image_score
-from scanomaly.splits import read_split_manifest
 
-from healthygan_fused_score import unseen_records  # section 14's wider set of non-test scans
+from healthygan_fused_score import open_run, per_label_sample, unseen_records  # unseen: section 14's wider set
 
 
 def two_folds(records, seed: int) -> np.ndarray:
@@ -59,14 +56,6 @@ def two_folds(records, seed: int) -> np.ndarray:
     order = np.random.default_rng(seed).permutation(len(units))
     fold_of = {units[j]: k % 2 for k, j in enumerate(order)}
     return np.array([fold_of[r.patient_id or f"#{i}"] for i, r in enumerate(records)])
-
-
-def sample(records, per_class: int, seed: int) -> list:
-    rng, out = np.random.default_rng(seed), []
-    for label in (0, 1):
-        group = [r for r in records if r.label == label]
-        out += [group[i] for i in sorted(rng.permutation(len(group))[:per_class])]
-    return out
 
 
 @torch.no_grad()
@@ -132,10 +121,8 @@ def main() -> None:
     args = ap.parse_args()
     table = {}
     for run in args.runs:
-        det = Detector.load(run / "model")
+        det, split, load = open_run(run)
         c = det.config
-        split = read_split_manifest(run / "split.csv")
-        load = lambda records: load_images(records, det.preprocessing, progress=False)  # noqa: E731
         x_b = load(split.healthy).images
         hold = load(split.healthy_holdout)
         a_kept, a_pool = split_off_indices(len(split.unlabeled), c.holdout_fraction, c.seed)  # as fit splits A
@@ -143,8 +130,7 @@ def main() -> None:
         pool = [split.unlabeled[i] for i in a_pool.tolist()][: c.aucp_pool]
         x_a_train, x_pool = load(a_train), load(pool)
         unseen_for_sigma = torch.cat([hold.images, x_pool.images])
-        det.config.score, det.config.heatmap = "critic", "nearest"
-        det.healthy_patches = det.healthy_patch_bank(x_b)  # any bank: the critic's deficit does not depend on it
+        det.config.score, det.config.heatmap = "critic", "score"  # det.score: the critic's deficit; maps by hand below
 
         def deficit(images):
             return np.asarray(det.score(images)[0])
@@ -161,40 +147,29 @@ def main() -> None:
         row = {"w": weight}
         val = load(split.val)
         val_deficit = deficit(val.images)
-        if args.relative_map:
+        if args.relative_map or args.patchcore_max:  # R or M: the memory's part replaced, B's bank, section 14's sets
             bank = det.healthy_patch_bank(x_b)
-            mu = healthy_baseline(det, x_b)
-            relative_max = lambda maps: (maps - mu).flatten(1).amax(1).numpy()  # noqa: E731
-            sigma_r = float(relative_max(nearest_maps(det, unseen_for_sigma, bank)).std(ddof=1))
+            if args.relative_map:
+                tag, mu = "R", healthy_baseline(det, x_b)
+                candidate = lambda x: (nearest_maps(det, x, bank) - mu).flatten(1).amax(1).numpy()  # noqa: E731
+            else:
+                averaged = averaged_patches(det, x_b).flatten(0, 1)
+                bank_m = averaged[greedy_coreset(averaged, int(np.ceil(0.1 * len(averaged))), seed=c.seed)].contiguous()
+                tag, candidate = "M", lambda x: patchcore_max(det, x, bank_m)  # noqa: E731
+            sigma_candidate = float(candidate(unseen_for_sigma).std(ddof=1))
             for part, images in {"val": val, "unseen": load(unseen_records(split, args.per_class))}.items():
                 y, critic_part = np.asarray(images.labels), (val_deficit if part == "val" else deficit(images.images))
                 s_w, memory = W(images.images, critic_part, bank)
-                maps = nearest_maps(det, images.images, bank)
-                r_part = relative_max(maps)
-                s_r = weight * critic_part / sigma_critic + r_part / sigma_r
+                part_c = candidate(images.images)
+                s_c = weight * critic_part / sigma_critic + part_c / sigma_candidate
                 row[part] = {"W": float(roc_auc_score(y, s_w)), "memory": float(roc_auc_score(y, memory)),
-                             "W_R": float(roc_auc_score(y, s_r)), "memory_R": float(roc_auc_score(y, r_part)),
+                             f"W_{tag}": float(roc_auc_score(y, s_c)), f"memory_{tag}": float(roc_auc_score(y, part_c)),
                              "n": [int((y == 0).sum()), int((y == 1).sum())]}
-                if part == "val" and images.masks is not None:
+                if args.relative_map and part == "val" and images.masks is not None:
+                    maps = nearest_maps(det, images.images, bank)
                     masks, head = images.masks.numpy().astype(bool), foreground_mask(images.images.numpy())
                     row["val"]["pixel"] = pixel_auroc(maps.numpy(), masks, head)
                     row["val"]["pixel_R"] = pixel_auroc((maps - mu).numpy(), masks, head)
-            print(run, json.dumps(row), flush=True)
-            table[str(run)] = row
-            continue
-        if args.patchcore_max:
-            averaged = averaged_patches(det, x_b).flatten(0, 1)
-            bank_m = averaged[greedy_coreset(averaged, int(np.ceil(0.1 * len(averaged))), seed=c.seed)].contiguous()
-            bank = det.healthy_patch_bank(x_b)
-            sigma_m = float(patchcore_max(det, unseen_for_sigma, bank_m).std(ddof=1))
-            for part, images in {"val": val, "unseen": load(unseen_records(split, args.per_class))}.items():
-                y, critic_part = np.asarray(images.labels), (val_deficit if part == "val" else deficit(images.images))
-                s_w, memory = W(images.images, critic_part, bank)
-                m_part = patchcore_max(det, images.images, bank_m)
-                s_m = weight * critic_part / sigma_critic + m_part / sigma_m
-                row[part] = {"W": float(roc_auc_score(y, s_w)), "memory": float(roc_auc_score(y, memory)),
-                             "W_M": float(roc_auc_score(y, s_m)), "memory_M": float(roc_auc_score(y, m_part)),
-                             "n": [int((y == 0).sum()), int((y == 1).sum())]}
             print(run, json.dumps(row), flush=True)
             table[str(run)] = row
             continue
@@ -203,7 +178,7 @@ def main() -> None:
         for k in (0, 1):
             this = [r for r, f in zip(x_a_train.records, folds) if f == k]
             other = x_a_train.subset(np.flatnonzero(folds != k))
-            scored = load(sample(this + others, args.per_class, seed=c.seed + k))
+            scored = load(per_label_sample(this + others, args.per_class, seed=c.seed + k))
             y, scored_deficit = np.asarray(scored.labels), deficit(scored.images)
             admitted, tau = healthy_looking(det, x_b, other.images)
             other_y = np.asarray(other.labels)
@@ -221,8 +196,8 @@ def main() -> None:
                     s_val, _ = W(val.images, val_deficit, bank)
                     row[f"val_{name}"] = float(roc_auc_score(np.asarray(val.labels), s_val))
                     if val.masks is not None:
-                        det.healthy_patches = bank
-                        row[f"val_pixel_{name}"] = pixel_auroc(det.score(val.images)[1], val.masks.numpy().astype(bool),
+                        row[f"val_pixel_{name}"] = pixel_auroc(nearest_maps(det, val.images, bank).numpy(),
+                                                               val.masks.numpy().astype(bool),
                                                                foreground_mask(val.images.numpy()))
             row[f"fold{k}"] = fold
             print(run, k, json.dumps(fold), flush=True)

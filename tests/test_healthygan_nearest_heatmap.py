@@ -169,7 +169,6 @@ def test_heatmap_option_errors(overrides, message):
         nearest_detector(**overrides)
 
 
-
 def test_the_critic_weight_falls_from_chance_to_complete_memorisation():
     assert [hg.critic_weight(m) for m in (None, 0.3, 0.5, 0.75, 0.9, 1.0)] == pytest.approx([1, 1, 1, 0.5, 0.2, 0])
 
