@@ -17,7 +17,6 @@ from scanomaly.methods.healthygan import (
     identity_loss,
     mask_loss,
     reconstruction_loss,
-    with_synthetic_lesions,
 )
 from scanomaly.nn.blocks import gradient_penalty
 
@@ -206,26 +205,6 @@ def test_sample_grid_shows_the_scoring_ema_generator(tmp_path, monkeypatch):
     assert not torch.allclose(healthy_in_grid, live_out, atol=1e-4)  # EMA 0.9 lags the live weights
 
 
-def test_synthetic_lesions_replace_a_share_of_a_by_b_scans_changed_inside_one_region():
-    torch.manual_seed(0)
-    x_b, x_a = torch.rand(8, 1, 32, 32) * 2 - 1, torch.rand(8, 1, 32, 32) * 2 - 1
-    state = torch.get_rng_state()
-    out = with_synthetic_lesions(x_a, x_b, 0.5)
-    assert out.shape == x_a.shape and out.min() >= -1 and out.max() <= 1
-    torch.testing.assert_close(out[4:], x_a[4:], rtol=0, atol=0)  # the rest of A's batch is untouched
-    for scan in out[:4]:
-        # each made scan is one of B's, changed in a region that is neither empty nor most of the image
-        changed = [(scan != b).float().mean().item() for b in x_b]
-        assert 0 < min(changed) < 0.5
-        base = x_b[int(np.argmin(changed))]
-        ys, xs = torch.nonzero((scan != base)[0], as_tuple=True)
-        # one compact region: its bounding box holds at most 45% of the image (radii at most 20% of the side)
-        assert (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1) <= 0.45 * 32 * 32
-    torch.set_rng_state(state)
-    torch.testing.assert_close(with_synthetic_lesions(x_a, x_b, 0.5), out, rtol=0, atol=0)  # the global generator decides
-    assert with_synthetic_lesions(x_a, x_b, 0.0) is x_a
-
-
 def _weights(det):
     return {k: v.clone() for k, v in det.generator.state_dict().items()} | {
         f"critic.{k}": v.clone() for k, v in det.critic.state_dict().items()
@@ -235,8 +214,7 @@ def _weights(det):
 @pytest.mark.parametrize("options", [
     {},
     {"critic": "lite0", "critic_weights": "random"},  # a frozen trunk in the critic: saved, restored, never trained
-    {"synthetic_lesions": 0.5},  # lesions drawn from the global generator, which the checkpoint restores
-], ids=["paper", "lite0-critic", "synthetic-lesions"])
+], ids=["paper", "lite0-critic"])
 def test_kill_and_resume_equals_uninterrupted_run(tmp_path, monkeypatch, options):
     xb, xa = blobs(20, seed=1), blobs(20, seed=2)
     run = functools.partial(tiny, **options)

@@ -157,33 +157,6 @@ def reconstruction_loss(x_a: torch.Tensor, translation_a: torch.Tensor, mask_a: 
     return (x_a - (mask_a * x_a + (1 - mask_a) * translation_a)).abs().mean()
 
 
-def with_synthetic_lesions(x_a: torch.Tensor, x_b: torch.Tensor, share: float) -> torch.Tensor:
-    """A's batch with its first round(share·n) scans replaced by B's healthy scans carrying a synthetic lesion: an
-    ellipse (radii 6-20% of the side, any orientation, a soft rim) where the content of another B scan, shifted and
-    rescaled in intensity (a·s + b, a in [0.5, 1.5], b in [-0.6, 0.6]), is blended in at opacity 0.5-1. Small sets
-    hold 15-23 lesions in A (docs/experiments.md, section 17): these give the translation and the critic disease-like
-    change to learn, on scans whose identity B already holds. Draws from torch's global generator (checkpointed)."""
-    n = min(int(round(share * len(x_a))), len(x_a))
-    if n == 0 or len(x_b) < 2:
-        return x_a
-    dev, size = x_b.device, x_b.shape[-1]
-    pick = torch.randperm(len(x_b), device=dev)
-    base, other = x_b[pick[torch.arange(n, device=dev) % len(x_b)]], x_b[pick[(torch.arange(n, device=dev) + 1) % len(x_b)]]
-    shifts = torch.randint(0, size, (n, 2)).tolist()
-    source = torch.stack([o.roll(tuple(s), (-2, -1)) for o, s in zip(other, shifts)])
-    u = torch.rand(n, 6, device=dev)
-    centre, radii, angle = 0.15 + 0.7 * u[:, :2], 0.06 + 0.14 * u[:, 2:4], math.pi * u[:, 4]
-    grid = (torch.arange(size, device=dev, dtype=x_b.dtype) + 0.5) / size
-    dy, dx = grid[None, :, None] - centre[:, 0, None, None], grid[None, None, :] - centre[:, 1, None, None]
-    cos, sin = angle.cos()[:, None, None], angle.sin()[:, None, None]
-    d = ((dx * cos + dy * sin) / radii[:, 0, None, None]) ** 2 + ((dy * cos - dx * sin) / radii[:, 1, None, None]) ** 2
-    opacity = 0.5 + 0.5 * u[:, 5, None, None]
-    mask = (((1 - d.sqrt()) / 0.3).clamp(0, 1) * opacity)[:, None]
-    gain_offset = torch.rand(n, 2, 1, 1, 1, device=dev)
-    lesion = (source * (0.5 + gain_offset[:, 0]) + (1.2 * gain_offset[:, 1] - 0.6)).clamp(-1, 1)
-    return torch.cat([base + mask * (lesion - base), x_a[n:]])
-
-
 def paper_score(x: torch.Tensor, healthy: torch.Tensor) -> torch.Tensor:
     """The paper's anomaly score: mean over pixels of |x − healthy(x)| / 2."""
     return anomaly_map(x, healthy).flatten(1).mean(1) / 2
@@ -298,8 +271,6 @@ class HealthyGANTask(GANTask):
 
     def loss(self, phase, batch):
         x_a, x_b, cfg = batch["a"], batch["b"], self.cfg
-        if cfg.synthetic_lesions:
-            x_a = with_synthetic_lesions(x_a, x_b, cfg.synthetic_lesions)
         if phase == "critic":
             with torch.no_grad():
                 fake = self.generator(x_a)[0]
@@ -344,7 +315,6 @@ class HealthyGANConfig(LoopConfig):
     lambda_id: float = 1.0
     lambda_rec: float = 1.0
     lambda_mask: float = 0.1
-    synthetic_lesions: float = 0.0  # share of each A batch replaced by B scans with a synthetic lesion (section 17)
     checkpoint_every: int = 10_000
     sample_every: int = 10_000
     selection: str = "aucp"  # "aucp": keep the checkpoint with the best pseudo-AUC; "last": the final one
@@ -381,7 +351,9 @@ class HealthyGANConfig(LoopConfig):
                                      # DiffAugment for the critic: lost two validation rounds (BENCHMARKS.md, A1 and P2)
                                      "critic_augment": "",
                                      # the memory over 3 x 3 patch neighbourhoods: lost its round (section 14)
-                                     "nearest_neighbourhood": 1}
+                                     "nearest_neighbourhood": 1,
+                                     # B scans with synthetic lesions in A's batches: lost its round (section 17)
+                                     "synthetic_lesions": 0.0}
 
 
 SCORES = ("pixel", "features", "critic", "critic+nearest")
