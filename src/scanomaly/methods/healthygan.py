@@ -108,7 +108,9 @@ class MaskedTranslator(nn.Module):
         """Returns (healthy, T, M)."""
         out = self.net(x)
         translation = torch.tanh(out[:, :-1])
-        mask = (torch.tanh(out[:, -1:]) + 1) / 2  # 0.5 everywhere at initialisation
+        # about 0.5 at initialisation, to one side or the other by seed; the mask loss's zero-one term then drives each pixel
+        # to the side it starts on (the cpu profile's seed 2 starts above 0.5 and ends with M = 1: docs/experiments.md, section 17)
+        mask = (torch.tanh(out[:, -1:]) + 1) / 2
         healthy = mask * translation + (1 - mask) * x
         return healthy, translation, mask
 
@@ -379,7 +381,7 @@ class HealthyGAN(GANDetector):
         # ~19 minutes on 2 free CPU cores. What made the original recipe learn at this scale, each step chosen
         # on chest validation data (BENCHMARKS.md, HealthyGAN cpu profile; 2026-11): a wider critic (64→512),
         # histogram equalisation of every scan, lr 3e-4, the paper's 2 critic steps per generator step, and the
-        # original's masks (0.5 at initialisation) with a 5x identity weight on B, which anchors the translation.
+        # original's masks (about 0.5 at initialisation) with a 5x identity weight on B, which anchors the translation.
         # Then, chosen by a rule written before the runs, on validation across four data sets (BENCHMARKS.md,
         # "choosing the cpu profile"; 2026-12-03): nearest upsampling (transposed convolutions drew the masks
         # as 0/1 stripes, column by column), a mask weight of 1 (at 0.1, masks covering the whole image were the
