@@ -1,7 +1,7 @@
 """HealthyGAN: the critic's score and the nearest-patch memory together (docs/experiments.md, section 13). VALIDATION
 unless --test (once, after the choice).
 
-    python benchmarks/healthygan_fused_score.py RUN [RUN ...] [--unseen] [--test]
+    python benchmarks/healthygan_fused_score.py RUN [RUN ...] [--unseen] [--test [--against OTHER_RUN]]
 
 RUN: a `benchmarks/run_method.py` run of the cpu profile (critic="lite0"; score "critic" or "critic+nearest"). For
 each, F = deficit / σ_critic + max(nearest-patch map) / σ_memory, each σ the standard deviation of that component
@@ -14,12 +14,17 @@ with 95% bootstrap intervals as `run_method` computes them). --unseen adds a wid
 the held-out healthy scans, the unlabeled pool with its labels, the validation lesions and the unused scans, at most
 --per-class of each label). The critic trained on most of that pool as A: the wider set compares variants trained
 the same way (docs/experiments.md, section 14), it does not stand for their test numbers. Where the validation scans
-have lesion masks (lgg_flair), the nearest-patch map's pixel AUROC inside the head is printed too.
+have lesion masks (lgg_flair), the nearest-patch map's pixel AUROC inside the head is printed too. --against (with
+--test): another method's `run_method` run on the same split (its test_scores.csv); prints the mean over RUNs of W's
+test AUROC minus the other's, with a 95% interval over paired stratified bootstrap resamples of the test scans (the
+same resample for every model), and the share of resamples in which W is ahead: whether a gap is more than the test
+set's size allows one to tell.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 from pathlib import Path
 
@@ -63,15 +68,37 @@ def components(det, images) -> np.ndarray:
     return np.c_[scores, maps.reshape(len(maps), -1).max(1)]
 
 
+def read_test_scores(run: Path) -> dict:
+    """A `run_method` run's test scores by (path, index)."""
+    with open(run / "test_scores.csv") as f:
+        return {(r["path"], r["index"]): float(r["score"]) for r in csv.DictReader(f)}
+
+
+def paired_difference(y, ours: list, theirs, n_bootstrap: int = 2000, seed: int = 0) -> dict:
+    """Mean over `ours` (score arrays) of their AUROC minus the AUROC of `theirs`, on the same scans: the difference,
+    its 95% percentile interval over stratified bootstrap resamples shared by all the models, and the share of
+    resamples in which ours is ahead."""
+    y = np.asarray(y)
+    diff = lambda idx: np.mean([roc_auc_score(y[idx], o[idx]) for o in ours]) - roc_auc_score(y[idx], theirs[idx])  # noqa: E731
+    rng, pos, neg = np.random.default_rng(seed), np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    resampled = np.array([diff(np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]) for _ in range(n_bootstrap)])
+    low, high = np.quantile(resampled, [0.025, 0.975])
+    return {"difference": float(diff(np.arange(len(y)))), "ci": [float(low), float(high)],
+            "share_ahead": float((resampled > 0).mean()), "n": [int(len(pos)), int(len(neg))]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", type=Path, nargs="+")
     ap.add_argument("--test", action="store_true", help="also score the test split (once, after the choice)")
     ap.add_argument("--unseen", action="store_true", help="also score the wider set of non-test scans")
     ap.add_argument("--per-class", type=int, default=400, help="--unseen: at most this many scans of each label")
+    ap.add_argument("--against", type=Path, default=None, help="with --test: another method's run on the same split")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    table = {}
+    if args.against and not args.test:
+        ap.error("--against compares test scores: add --test")
+    table, test_w = {}, {}
     for run in args.runs:
         det, split, load = open_run(run)
         c = det.config
@@ -103,8 +130,17 @@ def main() -> None:
                                                   foreground_mask(images.images.numpy()))
             if part == "test":
                 row["test_ci"] = {k: bootstrap_auroc_ci(y, s, seed=c.seed) for k, s in scores.items()}
+                test_w[str(run)] = ([(r.path, "" if r.index is None else str(r.index)) for r in split.test], y, scores["W"])
         table[str(run)] = row
         print(run, json.dumps(row), flush=True)
+    if args.against:
+        theirs = read_test_scores(args.against)
+        keys, y, _ = next(iter(test_w.values()))
+        if any(k != keys for k, _, _ in test_w.values()) or set(keys) != set(theirs):
+            raise SystemExit("--against: every run, and the other method's, must have scored the same test scans")
+        table["against"] = {"run": str(args.against), **paired_difference(
+            y, [w for _, _, w in test_w.values()], np.array([theirs[k] for k in keys]))}
+        print("W minus", args.against, json.dumps(table["against"]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(table, indent=1))
 

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 
 from scanomaly.pipeline import run_method
 from scanomaly.results import markdown_row
@@ -83,3 +84,26 @@ def test_checkpoint_analysis_scores_every_snapshot(tmp_path):
     rows = module.checkpoint_analysis(tmp_path / "run")
     assert [row["step"] for row in rows] == [10, 20]
     assert all(row["aucp"] is not None and 0 <= row["test_auroc"] <= 1 for row in rows)
+
+
+def test_paired_difference_against_another_method_on_the_same_scans():
+    import importlib.util
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))  # the script imports its siblings' helpers
+    try:
+        spec = importlib.util.spec_from_file_location("healthygan_fused_score", bench / "healthygan_fused_score.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(bench))
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(40), np.zeros(40)]
+    noise = rng.normal(size=80)
+    same = module.paired_difference(y, [noise], noise, n_bootstrap=200)
+    assert same["difference"] == 0 and same["ci"] == [0, 0] and same["share_ahead"] == 0  # the same scores never lead
+    better = module.paired_difference(y, [y + 0.3 * noise, y + 0.3 * rng.normal(size=80)], noise, n_bootstrap=200)
+    # two models that separate the classes against one at chance: ahead in every resample, by about 0.5
+    assert better["difference"] > 0.3 and better["ci"][0] > 0 and better["share_ahead"] == 1.0
+    assert better["n"] == [40, 40]
