@@ -2,23 +2,30 @@
 VALIDATION only; no test scan is loaded.
 
     OMP_NUM_THREADS=2 python benchmarks/healthygan_mask_target.py PROFILE_RUN OUT [--weight 1.0]
+    OMP_NUM_THREADS=2 python benchmarks/healthygan_mask_target.py PROFILE_RUN OUT --soft --weight 10 [--binary-weight 0]
 
 PROFILE_RUN: a `run_method` run of the cpu profile on lgg_flair (its split and preprocessing are reused; its model is
-the comparison). A new model of the same profile trains with one extra generator term, weight * |M_A − t_A|, where the
-target t_A marks the pixels whose trunk patch is farther from B's patches than 99% of held-out healthy pixels are
-(the nearest-patch memory that draws the profile's heatmap, thresholded). Then, on the validation lesion slices, the
-pixel AUROC inside the head of the mask M, of the change |x − healthy(x)|, and of the memory's map, for both models;
-and the masks' mean.
+the comparison). A new model of the same profile trains with one extra generator term towards a target t_A from the
+nearest-patch memory that draws the profile's heatmap (d: a pixel's distance from B's patches; d99, d90: the 99th and
+90th percentiles of d over held-out healthy pixels):
+  section 18: weight * |M_A − t_A|, t_A = [d > d99] (0/1);
+  section 19 (--soft): weight * BCE(M_A, t_A), t_A = sigmoid((d − d99) / s), s = (d99 − d90) / ln 9 (t = 0.1 at d90,
+  0.5 at d99): dense, and a probability, so the loss's optimum is the target's conditional mean, not its median.
+--binary-weight scales the mask loss's zero-one part (1: the profile's; its barrier at M = 0.5 stops a mask that
+starts below from reaching a target above). Then, on the validation lesion slices, the pixel AUROC inside the head of
+the mask M, of the change |x − healthy(x)|, and of the memory's map, for both models; and the masks' mean.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 import scanomaly.methods.healthygan as hg
 from scanomaly.data import load_images
@@ -28,20 +35,30 @@ from scanomaly.pipeline import without_labels
 from scanomaly.splits import read_split_manifest
 
 
-def mask_target_task(nearest: hg.NearestHealthyPatch, threshold: float, weight: float):
+def mask_target_task(nearest: hg.NearestHealthyPatch, d99: float, d90: float, weight: float, soft: bool,
+                     binary_weight: float):
+    def target_loss(mask, distance):
+        if not soft:
+            return (mask - (distance > d99).float()).abs().mean()
+        target = torch.sigmoid((distance - d99) * math.log(9) / (d99 - d90))
+        return nn.functional.binary_cross_entropy(mask.clamp(1e-4, 1 - 1e-4), target)
+
+    def masks_small_and_binary(mask):  # hg.mask_loss, its zero-one part scaled
+        return mask.mean() ** 2 + binary_weight * ((1.0 / ((mask - 0.5).abs() + 0.01)).mean() - 1.0 / 0.51)
+
     class MaskTargetTask(hg.HealthyGANTask):
         def loss(self, phase, batch):
             if phase == "critic":
                 return super().loss(phase, batch)
             x_a, x_b, cfg = batch["a"], batch["b"], self.cfg
             with torch.no_grad():
-                target = (nearest(x_a) > threshold).float()[:, None]
+                distance = nearest(x_a)[:, None]
             healthy_a, t_a, m_a = self.generator(x_a)
             healthy_b, t_b, m_b = self.generator(x_b)
             adv = -self.critic(healthy_a).mean() - self.critic(healthy_b).mean()
             idt, rec = hg.identity_loss(x_b, t_b), hg.reconstruction_loss(x_a, t_a, m_a)
-            msk = (hg.mask_loss(m_a) + hg.mask_loss(m_b)) / 2
-            tgt = (m_a - target).abs().mean()
+            msk = (masks_small_and_binary(m_a) + masks_small_and_binary(m_b)) / 2
+            tgt = target_loss(m_a, distance)
             loss = adv + cfg.lambda_id * idt + cfg.lambda_rec * rec + cfg.lambda_mask * msk + weight * tgt
             logs = {"G/adv": adv, "G/id": idt, "G/rec": rec, "G/mask": msk, "G/target": tgt, "G/mask_mean": m_a.mean()}
             return loss, {k: v.item() for k, v in logs.items()}
@@ -67,6 +84,8 @@ def main() -> None:
     ap.add_argument("profile_run", type=Path)
     ap.add_argument("out", type=Path)
     ap.add_argument("--weight", type=float, default=1.0)
+    ap.add_argument("--soft", action="store_true", help="the dense probability target and BCE (section 19)")
+    ap.add_argument("--binary-weight", type=float, default=1.0)
     ap.add_argument("--iterations", type=int, default=None, help="fewer than the profile's, for a smoke run")
     args = ap.parse_args()
     profile = Detector.load(args.profile_run / "model")
@@ -83,12 +102,14 @@ def main() -> None:
     det = hg.HealthyGAN.from_profile("cpu", overrides, {"intensity": profile.preprocessing.intensity})
     nearest = hg.NearestHealthyPatch(det.critic, det.healthy_patch_bank(b))
     with torch.no_grad():
-        threshold = float(torch.quantile(torch.cat([nearest(hold[i:i + 64]) for i in range(0, len(hold), 64)]).flatten()[::7], 0.99))
-    hg.HealthyGANTask = mask_target_task(nearest, threshold, args.weight)
+        healthy_pixels = torch.cat([nearest(hold[i:i + 64]) for i in range(0, len(hold), 64)]).flatten()[::7]
+        d99, d90 = (float(torch.quantile(healthy_pixels, q)) for q in (0.99, 0.90))
+    hg.HealthyGANTask = mask_target_task(nearest, d99, d90, args.weight, args.soft, args.binary_weight)
     det.fit(b, a, holdout=hold, work_dir=args.out, progress=False)
 
     val = load(split.val)
-    row = {"threshold": threshold, "profile": localisation(profile, val), "mask_target": localisation(det, val)}
+    row = {"d99": d99, "d90": d90, "args": {k: v for k, v in vars(args).items() if not isinstance(v, Path)},
+           "profile": localisation(profile, val), "mask_target": localisation(det, val)}
     print(json.dumps(row, indent=1))
     (args.out / "localisation.json").write_text(json.dumps(row, indent=1))
 
