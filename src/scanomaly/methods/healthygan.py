@@ -28,6 +28,10 @@ unlabeled set A and a known-healthy set B; the anomaly is what had to change.
             each σ the standard deviation of that part over the scans AUCp compares (unseen in training, no labels):
             the trained verdict on the whole scan beside a memory that needs no training; w = clip(2 (1 − m), 0, 1)
             lowers the critic's say as it memorises B (m: AUROC of B's training scans against held-out healthy ones)
+    option mask_target (with heatmap="nearest"): one more generator term, mask_target · BCE(M_A, t_A), t_A the
+            probability that a pixel of A is not healthy by that memory (MaskTarget): the mask is told where to change,
+            and the translation T then has somewhere to act (the paper's losses alone let the mask empty out or fill
+            the image at this scale: docs/experiments.md, sections 10, 17-19)
 
 What differs from the official code, and why (measured in BENCHMARKS.md): the learning rate really
 decays linearly to 0 over the last quarter (the official decrement is ~1e-9 per step, i.e. none);
@@ -159,6 +163,13 @@ def reconstruction_loss(x_a: torch.Tensor, translation_a: torch.Tensor, mask_a: 
     return (x_a - (mask_a * x_a + (1 - mask_a) * translation_a)).abs().mean()
 
 
+def mask_target_loss(mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of the mask against a probability target, in float32 (autocast-safe): its optimum is the
+    target's conditional mean. (An L1 pull to a sparse 0/1 target is optimal at its median, 0: the masks emptied.)"""
+    m = mask.float().clamp(1e-4, 1 - 1e-4)
+    return -(target * m.log() + (1 - target) * (1 - m).log()).mean()
+
+
 def paper_score(x: torch.Tensor, healthy: torch.Tensor) -> torch.Tensor:
     """The paper's anomaly score: mean over pixels of |x − healthy(x)| / 2."""
     return anomaly_map(x, healthy).flatten(1).mean(1) / 2
@@ -215,6 +226,26 @@ class NearestHealthyPatch(nn.Module):
 NEAREST_SLICE = 4096  # bank rows per distance block: 64 scans x 256 patches x 4096 x 4 B = 256 MiB
 
 
+class MaskTarget(nn.Module):
+    """What the mask is taught (option mask_target): the probability that a pixel is not healthy by the memory,
+    sigmoid((d − d99) / s), d the nearest-patch map, d99 and d90 its 99th and 90th percentiles over held-out healthy
+    scans' pixels, s = (d99 − d90) / ln 9: 0.1 at d90, 0.5 at d99, dense and smooth. x -> [N, 1, S, S]."""
+
+    def __init__(self, nearest: NearestHealthyPatch, healthy_holdout: torch.Tensor, batch_size: int = 64):
+        super().__init__()
+        self.nearest = nearest
+        with torch.no_grad():
+            device = nearest.bank.device
+            d = torch.cat([nearest(healthy_holdout[i : i + batch_size].to(device)).cpu()
+                           for i in range(0, len(healthy_holdout), batch_size)])
+        self.d99, d90 = (float(np.quantile(d.numpy(), q)) for q in (0.99, 0.90))
+        self.scale = max(self.d99 - d90, 1e-6) / math.log(9)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid((self.nearest(x)[:, None] - self.d99) / self.scale)
+
+
 class HealthyScorer(nn.Module):
     """Scoring as one forward pass: x -> (healthy(x), paper score), or with a feature distance or the
     critic's deficit x -> (healthy(x), score, heatmap), the heatmap then optionally the nearest healthy
@@ -252,8 +283,9 @@ class HealthyScorer(nn.Module):
 class HealthyGANTask(GANTask):
     ema_modules = ("generator",)
 
-    def __init__(self, generator: MaskedTranslator, critic: PatchCritic, cfg: "HealthyGANConfig"):
-        self.generator, self.critic, self.cfg = generator, critic, cfg
+    def __init__(self, generator: MaskedTranslator, critic: PatchCritic, cfg: "HealthyGANConfig",
+                 mask_target: MaskTarget | None = None):
+        self.generator, self.critic, self.cfg, self.mask_target = generator, critic, cfg, mask_target
         self._optimizers = {
             "generator": torch.optim.Adam(generator.parameters(), lr=cfg.lr, betas=tuple(cfg.betas)),
             "critic": torch.optim.Adam(critic.parameters(), lr=cfg.lr, betas=tuple(cfg.betas)),
@@ -292,6 +324,10 @@ class HealthyGANTask(GANTask):
         msk = (mask_loss(m_a) + mask_loss(m_b)) / 2
         loss = adv + cfg.lambda_id * idt + cfg.lambda_rec * rec + cfg.lambda_mask * msk
         logs = {"G/adv": adv, "G/id": idt, "G/rec": rec, "G/mask": msk, "G/mask_mean": m_a.mean()}
+        if self.mask_target is not None:  # where A leaves healthy scans, by the memory: the mask is told where to change
+            tgt = mask_target_loss(m_a, self.mask_target(x_a))
+            loss = loss + cfg.mask_target * tgt
+            logs["G/mask_target"] = tgt
         return loss, {k: v.item() for k, v in logs.items()}
 
     def sample_rows(self, batch, nets):
@@ -346,6 +382,9 @@ class HealthyGANConfig(LoopConfig):
     # the heatmap: "score" (the score's own map) or "nearest" (NearestHealthyPatch on the pretrained critic's
     # trunk, beside the critic's score; needs critic="lite0" and score="critic" or "critic+nearest")
     heatmap: str = "score"
+    # weight of the mask's target term (0: the paper's losses alone): BCE of M_A against the probability that a pixel of
+    # A is not healthy by the nearest-patch memory (MaskTarget; needs heatmap="nearest")
+    mask_target: float = 0.0
     # the rest of the loop's settings (batch_size 16, lr_decay_fraction 0.25, ema_decay 0.999: the EMA generator
     # scores, hflip, seed, keep_snapshots) keep LoopConfig's defaults
 
@@ -453,6 +492,9 @@ class HealthyGAN(GANDetector):
             raise ScanomalyError("heatmap=nearest searches the pretrained critic's features: it needs critic=lite0 "
                                  f"and the critic's score (got critic={c.critic}, score={c.score}); with another critic "
                                  "or score, add heatmap=score (CLI: --set heatmap=score)")
+        if c.mask_target and c.heatmap != "nearest":
+            raise ScanomalyError("mask_target teaches the mask from the nearest-patch memory on the pretrained critic's "
+                                 f"features: it needs critic=lite0 and heatmap=nearest (got heatmap={c.heatmap})")
         torch.manual_seed(c.seed)  # the initial weights are part of the seeded run
         if c.generator == "stargan":
             self.generator = MaskedTranslator(p.channels, c.width, c.residual_blocks, c.upsample)
@@ -516,7 +558,15 @@ class HealthyGAN(GANDetector):
             _warn_if_aucp_is_coarse(len(x_hold), len(pool))
             evaluate = lambda mods: self._aucp(mods, x_hold, pool)  # noqa: E731
 
-        task = HealthyGANTask(self.generator, self.critic, c)
+        mask_target = None
+        if c.heatmap == "nearest":  # the critic's trunk is frozen: B's patches are the same before training as after
+            self.healthy_patches = self.healthy_patch_bank(x_b)
+        if c.mask_target:
+            if x_hold is None or not len(x_hold):
+                raise ScanomalyError("mask_target calibrates the memory on healthy scans held out of training: keep "
+                                     "selection=aucp or give a hold-out set")
+            mask_target = MaskTarget(NearestHealthyPatch(self.critic, self.healthy_patches), x_hold)
+        task = HealthyGANTask(self.generator, self.critic, c, mask_target)
         self.train_result = self._train(task, {"a": x_a, "b": x_b}, work_dir, progress, evaluate=evaluate,
                                         sample_batch={"a": x_a[:8]})
         best = self.train_result.best_state
@@ -529,8 +579,6 @@ class HealthyGAN(GANDetector):
             self.critic_reference = self._critic_reference(x_b)
             if x_hold is not None and len(x_hold):
                 self.critic_memorisation = self._critic_memorisation(x_b, x_hold)
-        if c.heatmap == "nearest":
-            self.healthy_patches = self.healthy_patch_bank(x_b)
         if c.score == "critic+nearest":
             # the critic's part divided by its spread and weighted by how little it has learned B (section 15)
             weight = critic_weight(self.critic_memorisation)
