@@ -214,7 +214,9 @@ def _weights(det):
 @pytest.mark.parametrize("options", [
     {},
     {"critic": "lite0", "critic_weights": "random"},  # a frozen trunk in the critic: saved, restored, never trained
-], ids=["paper", "lite0-critic"])
+    # the mask's target is rebuilt on resume from B's bank and the held-out scans: it must be the same target
+    {"critic": "lite0", "critic_weights": "random", "score": "critic", "heatmap": "nearest", "mask_target": 10.0},
+], ids=["paper", "lite0-critic", "mask-target"])
 def test_kill_and_resume_equals_uninterrupted_run(tmp_path, monkeypatch, options):
     xb, xa = blobs(20, seed=1), blobs(20, seed=2)
     run = functools.partial(tiny, **options)
