@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 import scanomaly.methods.healthygan as hg
 from scanomaly.data import load_images
@@ -41,7 +40,7 @@ def mask_target_task(nearest: hg.NearestHealthyPatch, d99: float, d90: float, we
         if not soft:
             return (mask - (distance > d99).float()).abs().mean()
         target = torch.sigmoid((distance - d99) * math.log(9) / (d99 - d90))
-        return nn.functional.binary_cross_entropy(mask.clamp(1e-4, 1 - 1e-4), target)
+        return hg.mask_target_loss(mask, target)
 
     def masks_small_and_binary(mask):  # hg.mask_loss, its zero-one part scaled
         return mask.mean() ** 2 + binary_weight * ((1.0 / ((mask - 0.5).abs() + 0.01)).mean() - 1.0 / 0.51)

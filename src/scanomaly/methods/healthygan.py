@@ -541,16 +541,20 @@ class HealthyGAN(GANDetector):
             raise ScanomalyError("HealthyGAN trains on a known-healthy set B and a mixed unlabeled set A: give --unlabeled (or --from-labeled)")
         x_b, x_a = as_tensor(healthy), as_tensor(unlabeled)
         c = self.config
-        # AUCp, the fused score's scales and the mask target's calibration need scans that training does not see
-        needs_unseen = c.selection == "aucp" or c.score == "critic+nearest" or bool(c.mask_target)
-        if holdout is None and needs_unseen:
+        # AUCp and the fused score's scales need healthy and unlabeled scans that training does not see; the mask
+        # target's calibration needs unseen healthy ones
+        needs_pool = c.selection == "aucp" or c.score == "critic+nearest"
+        if holdout is None and (needs_pool or c.mask_target):
             x_b, x_hold = _split_off(x_b, c.holdout_fraction, c.seed)
         else:
             x_hold = None if holdout is None else as_tensor(holdout)
         if len(x_b) == 0 or len(x_a) == 0:
             raise ScanomalyError("HealthyGAN needs at least one healthy and one unlabeled training image")
+        if c.mask_target and (x_hold is None or not len(x_hold)):
+            raise ScanomalyError("mask_target calibrates the memory on healthy scans held out of training: give "
+                                 "at least two healthy training images (or a hold-out set)")
         evaluate, pool = None, x_a[:0]
-        if (c.selection == "aucp" or c.score == "critic+nearest") and x_hold is not None and len(x_hold):
+        if needs_pool and x_hold is not None and len(x_hold):
             # AUCp compares unseen healthy scans with *unseen* unlabeled ones: an unlabeled pool the
             # generator trained on would score low just because it was memorised (measured: AUCp < 0.5)
             x_a, pool = _split_off(x_a, c.holdout_fraction, c.seed)
@@ -567,9 +571,6 @@ class HealthyGAN(GANDetector):
         if c.heatmap == "nearest":  # the critic's trunk is frozen: B's patches are the same before training as after
             self.healthy_patches = self.healthy_patch_bank(x_b)
         if c.mask_target:
-            if x_hold is None or not len(x_hold):
-                raise ScanomalyError("mask_target calibrates the memory on healthy scans held out of training: give "
-                                     "at least two healthy training images (or a hold-out set)")
             mask_target = MaskTarget(NearestHealthyPatch(self.critic, self.healthy_patches), x_hold)
         task = HealthyGANTask(self.generator, self.critic, c, mask_target)
         self.train_result = self._train(task, {"a": x_a, "b": x_b}, work_dir, progress, evaluate=evaluate,
