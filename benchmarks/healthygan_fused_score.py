@@ -18,7 +18,11 @@ have lesion masks (lgg_flair), the nearest-patch map's pixel AUROC inside the he
 --test): another method's `run_method` run on the same split (its test_scores.csv); prints the mean over RUNs of W's
 test AUROC minus the other's, with a 95% interval over paired stratified bootstrap resamples of the test scans (the
 same resample for every model), and the share of resamples in which W is ahead: whether a gap is more than the test
-set's size allows one to tell.
+set's size allows one to tell. --translation adds, on the same parts, the AUROC of the generator's own evidence
+("score = what had to change"): the paper's pixel score mean |x − healthy(x)| / 2, the mask's mean, and the
+feature distance of x and healthy(x) (`score="features"`: Lite0 stages 2-3 at 128 px, mean and max of the map),
+and T: W with that distance's maximum, scaled by its spread over the same unseen scans, as a third part
+(docs/experiments.md, section 20).
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ from sklearn.metrics import roc_auc_score
 
 from scanomaly.data import load_images
 from scanomaly.detector import Detector
-from scanomaly.methods.healthygan import _split_off, critic_weight
+from scanomaly.methods import _patch_features as pf
+from scanomaly.methods.healthygan import _split_off, critic_weight, paper_score
 from scanomaly.localization import foreground_mask, pixel_auroc
 from scanomaly.metrics import bootstrap_auroc_ci
 from scanomaly.pipeline import without_labels
@@ -68,6 +73,25 @@ def components(det, images) -> np.ndarray:
     return np.c_[scores, maps.reshape(len(maps), -1).max(1)]
 
 
+@torch.no_grad()
+def translation_scores(det, images, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """The generator's evidence per scan: the paper's pixel score, the mask's mean, the feature distance of x and
+    healthy(x) (mean and maximum of its map)."""
+    det.generator.eval()
+    c = det.config
+    extractor = pf.build_extractor(c.score_backbone, c.score_backbone_weights, c.score_stages, det.device)
+    distance = pf.FeatureDistance(extractor, c.score_sigma, input_size=128)
+    out: dict[str, list] = {"change": [], "mask": [], "features mean": [], "features max": []}
+    for x in images.split(batch_size):
+        x = x.to(det.device)
+        healthy, _, mask = det.generator(x)
+        _, maps = distance(x, healthy.float())
+        for key, value in (("change", paper_score(x, healthy.float())), ("mask", mask.flatten(1).mean(1)),
+                           ("features mean", maps.flatten(1).mean(1)), ("features max", maps.flatten(1).amax(1))):
+            out[key].append(value.float().cpu())
+    return {k: torch.cat(v).numpy() for k, v in out.items()}
+
+
 def read_test_scores(run: Path) -> dict:
     """A `run_method` run's test scores by (path, index)."""
     with open(run / "test_scores.csv") as f:
@@ -94,6 +118,7 @@ def main() -> None:
     ap.add_argument("--unseen", action="store_true", help="also score the wider set of non-test scans")
     ap.add_argument("--per-class", type=int, default=400, help="--unseen: at most this many scans of each label")
     ap.add_argument("--against", type=Path, default=None, help="with --test: another method's run on the same split")
+    ap.add_argument("--translation", action="store_true", help="also the generator's own evidence (section 20)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.against and not args.test:
@@ -108,7 +133,10 @@ def main() -> None:
         # the scans AUCp compared: the hold-out given to fit (else split off B) and the pool split off A, as fit does
         _, pool = _split_off(load(without_labels(split.unlabeled)).images, c.holdout_fraction, c.seed)
         hold = load(split.healthy_holdout).images if split.healthy_holdout else _split_off(healthy.images, c.holdout_fraction, c.seed)[1]
-        sigma = components(det, torch.cat([hold, pool[: c.aucp_pool]])).std(0, ddof=1)
+        sigma_scans = torch.cat([hold, pool[: c.aucp_pool]])
+        sigma = components(det, sigma_scans).std(0, ddof=1)
+        if args.translation:  # candidate T's third part is scaled over the same unseen scans
+            sigma_features = float(translation_scores(det, sigma_scans)["features max"].std(ddof=1))
         # W (section 15): the critic's part weighted by w = clip(2 (1 − m), 0, 1), m its memorisation of B as fit
         # measures it (B's training scans against the held-out healthy ones)
         b_train = healthy.images if split.healthy_holdout else _split_off(healthy.images, c.holdout_fraction, c.seed)[0]
@@ -124,6 +152,9 @@ def main() -> None:
             y, comp = np.asarray(images.labels), components(det, images)
             scores = {"critic": comp[:, 0], "memory": comp[:, 1], "F": (comp / sigma).sum(1),
                       "W": weight * comp[:, 0] / sigma[0] + comp[:, 1] / sigma[1]}
+            if args.translation:
+                scores |= translation_scores(det, images.images)
+                scores["T"] = scores["W"] + scores["features max"] / sigma_features
             row[part] = {k: float(roc_auc_score(y, s)) for k, s in scores.items()}
             if part == "val" and images.masks is not None:
                 row["val"]["pixel"] = pixel_auroc(det.score(images)[1], images.masks.numpy().astype(bool),
