@@ -12,6 +12,13 @@ over the validation images:
 - on data with lesion masks (lgg_flair): the pixel AUROC of M, and of |x − healthy(x)|, against the
   lesion masks inside the head (`localization.pixel_auroc` with its foreground region);
 - whether the pattern is tied to pixel positions rather than to the scan (`positional_stats`).
+
+--unused (data with lesion masks): instead, the lesion slices the split left unused (in neither A, validation nor
+test): the pixel AUROC inside the head of M, of |x − healthy(x)| and of the model's own heatmap (the profile's: the
+nearest healthy patch), per run and their mean (docs/experiments.md, section 20).
+--test-localization HEATMAP (once, after the choice): the test split's localization block as `run_method` writes it
+(pixel AUROC, AUPRO and Dice inside the head, the Dice threshold chosen on validation) with the model's heatmap set
+to HEATMAP ("nearest", "mask"), per run and the mean.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from scipy import ndimage
 from scanomaly.data import load_images
 from scanomaly.detector import Detector
 from scanomaly.methods.healthygan import HealthyGAN
-from scanomaly.localization import foreground_mask, pixel_auroc
+from scanomaly.localization import evaluate_localization, foreground_mask, pixel_auroc
 from scanomaly.options import parse_set
 from scanomaly.splits import read_split_manifest
 
@@ -106,13 +113,49 @@ def report(name, generator, val) -> dict:
     return stats
 
 
+def unused_lesions(name, det, split) -> dict[str, float]:
+    """Pixel AUROC inside the head on the split's unused lesion slices: the mask, the change, the model's heatmap."""
+    lesioned = load_images([r for r in split.unused if r.label == 1], det.preprocessing, progress=False)
+    if lesioned.masks is None:
+        raise SystemExit(f"{name}: --unused needs data with lesion masks")
+    x, lesions = torch.as_tensor(lesioned.images), lesioned.masks.numpy().astype(bool)
+    head = foreground_mask(lesioned.images)
+    masks, diffs = masks_of(det.scoring_generator, x)
+    row = {"M": pixel_auroc(masks, lesions, head), "|x-h|": pixel_auroc(diffs, lesions, head),
+           "heatmap": pixel_auroc(det.score(x)[1], lesions, head)}
+    print(name, f"{len(x)} unused lesion slices:", "  ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
+    return row
+
+
+def test_localization(name, det, split, heatmap: str) -> dict[str, float]:
+    """The test split's localization metrics inside the head with the model's heatmap set to `heatmap`."""
+    det.config.heatmap = heatmap
+    test, val = (load_images(records, det.preprocessing, progress=False) for records in (split.test, split.val))
+    block = evaluate_localization(det.score(test.images)[1], test.masks.numpy().astype(bool), test.images.numpy(),
+                                  det.score(val.images)[1], val.masks.numpy().astype(bool), val.images.numpy())
+    row = {k: block[k] for k in ("pixel_auroc", "aupro", "dice")}
+    print(name, f"test, heatmap={heatmap}:", "  ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", type=Path, nargs="+")
     ap.add_argument("--snapshots", action="store_true")
     ap.add_argument("--profile", default="cpu", help="the runs' profile, for runs still training (no model yet)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config of runs still training")
+    ap.add_argument("--unused", action="store_true", help="pixel AUROC on the split's unused lesion slices (section 20)")
+    ap.add_argument("--test-localization", metavar="HEATMAP", help="the test split's localization (once, after the choice)")
     args = ap.parse_args()
+    if args.test_localization:
+        rows = [test_localization(run.name, Detector.load(run / "model"), read_split_manifest(run / "split.csv"),
+                                  args.test_localization) for run in args.runs]
+        print("mean", "  ".join(f"{k} {np.mean([r[k] for r in rows]):.3f} ± {np.std([r[k] for r in rows], ddof=1):.3f}" for k in rows[0]))
+        return
+    if args.unused:
+        rows = [unused_lesions(run.name, Detector.load(run / "model"), read_split_manifest(run / "split.csv")) for run in args.runs]
+        print("mean", "  ".join(f"{k} {np.mean([r[k] for r in rows]):.3f}" for k in rows[0]))
+        return
     for run in args.runs:
         split = read_split_manifest(run / "split.csv")
         # a run still training has no model yet: its snapshots are read into the profile's networks

@@ -83,8 +83,8 @@ def test_the_generator_loss_adds_the_weighted_target_term():
 
 
 def test_without_the_memory_or_held_out_scans_it_is_a_clear_error(tmp_path):
-    with pytest.raises(ScanomalyError, match="mask_target teaches the mask from the nearest-patch memory"):
-        mask_target_detector(heatmap="score")
+    with pytest.raises(ScanomalyError, match="mask_target=10.0 uses the nearest-patch memory"):
+        mask_target_detector(critic="patch", heatmap="score")
     with pytest.raises(ScanomalyError, match="calibrates the memory on healthy scans held out"):
         mask_target_detector().fit(blobs(1, seed=1), blobs(4, seed=2), work_dir=tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()  # refused before the first step

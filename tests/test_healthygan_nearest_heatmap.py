@@ -161,8 +161,8 @@ def test_the_fused_score_needs_held_out_scans_and_says_so_before_training(tmp_pa
     ({"heatmap": "gradcam"}, "heatmap must be one of"),
     ({"heatmap": "nearest", "critic": "patch"}, "needs critic=lite0 and the critic's score"),
     ({"heatmap": "nearest", "score": "pixel"}, "needs critic=lite0 and the critic's score"),
-    ({"heatmap": "score", "score": "critic+nearest"}, "needs critic=lite0 and heatmap=nearest"),
-    ({"critic": "patch", "score": "critic+nearest"}, "needs critic=lite0 and heatmap=nearest"),
+    ({"critic": "patch", "score": "critic+nearest", "heatmap": "score"}, r"score=critic\+nearest uses the nearest-patch memory"),
+    ({"critic": "patch", "score": "critic+nearest"}, "needs critic=lite0 and the critic's score"),
 ])
 def test_heatmap_option_errors(overrides, message):
     with pytest.raises(ScanomalyError, match=message):

@@ -24,14 +24,16 @@ unlabeled set A and a known-healthy set B; the anomaly is what had to change.
     option heatmap="nearest" (with critic="lite0", score="critic"): the score stays the critic's deficit, the
             heatmap is where the scan's trunk features leave healthy ones: each patch's distance to its nearest
             patch among B's (a coreset kept with the model), upsampled and blurred as PatchCore's map
-    option score="critic+nearest" (with heatmap="nearest"): w · deficit / σ_critic + max(nearest-patch map) / σ_memory,
+    option score="critic+nearest" (with critic="lite0"): w · deficit / σ_critic + max(nearest-patch map) / σ_memory,
             each σ the standard deviation of that part over the scans AUCp compares (unseen in training, no labels):
             the trained verdict on the whole scan beside a memory that needs no training; w = clip(2 (1 − m), 0, 1)
             lowers the critic's say as it memorises B (m: AUROC of B's training scans against held-out healthy ones)
-    option mask_target (with heatmap="nearest"): one more generator term, mask_target · BCE(M_A, t_A), t_A the
+    option mask_target (with critic="lite0"): one more generator term, mask_target · BCE(M_A, t_A), t_A the
             probability that a pixel of A is not healthy by that memory (MaskTarget): the mask is told where to change,
             and the translation T then has somewhere to act (the paper's losses alone let the mask empty out or fill
             the image at this scale: docs/experiments.md, sections 10, 17-19)
+    option heatmap="mask": the heatmap is the generator's attention mask M itself, where it changes the scan
+            (with the mask's target it ranks lesion pixels above the memory it is taught from: section 20)
 
 What differs from the official code, and why (measured in BENCHMARKS.md): the learning rate really
 decays linearly to 0 over the last quarter (the official decrement is ~1e-9 per step, i.e. none);
@@ -46,7 +48,7 @@ cover the whole image), upsamples by nearest resizing and scores with the critic
 critic's deficit (BENCHMARKS.md, "The critic's score and the patch memory together"). It sees every scan as
 the other methods do: the histogram equalisation it used until 2026-12-04 erased what tells brain MRI groups apart
 (BENCHMARKS.md, "Every scan as the other methods see it"). Its mask is taught by that memory (mask_target; BENCHMARKS.md,
-"A mask taught by the memory").
+"A mask taught by the memory"), and that mask is its heatmap (BENCHMARKS.md, "The mask as the heatmap").
 """
 
 from __future__ import annotations
@@ -255,26 +257,34 @@ class HealthyScorer(nn.Module):
 
     def __init__(self, generator: MaskedTranslator, feature_distance: pf.FeatureDistance | None = None,
                  critic_deficit: CriticDeficit | None = None, nearest: NearestHealthyPatch | None = None,
-                 fused_scales: torch.Tensor | None = None):
+                 fused_scales: torch.Tensor | None = None, heatmap: str = "score"):
         super().__init__()
         self.generator = generator
         self.feature_distance = feature_distance
         self.critic_deficit = critic_deficit
         self.nearest = nearest
         self.fused_scales = fused_scales  # score="critic+nearest": (σ_critic / w, σ_memory)
+        self.heatmap = heatmap  # "score": the score's own map; "nearest": the memory's; "mask": the generator's M
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        healthy = self.generator(x)[0].float()  # float: under bf16 autocast the score is still float32
+        healthy, _, mask = self.generator(x)
+        healthy, heatmap = healthy.float(), None  # float: under bf16 autocast the score is still float32
         if self.critic_deficit is not None:
             scores, heatmap = self.critic_deficit(x)
             if self.nearest is not None:
-                heatmap = self.nearest(x)
+                memory = self.nearest(x)
                 if self.fused_scales is not None:
-                    scores = scores / self.fused_scales[0] + heatmap.flatten(1).amax(1) / self.fused_scales[1]
+                    scores = scores / self.fused_scales[0] + memory.flatten(1).amax(1) / self.fused_scales[1]
+                if self.heatmap == "nearest":
+                    heatmap = memory
         elif self.feature_distance is not None:
             scores, heatmap = self.feature_distance(x, healthy)
         else:
-            return healthy, paper_score(x, healthy)
+            scores = paper_score(x, healthy)
+        if self.heatmap == "mask":
+            heatmap = mask[:, 0]
+        if heatmap is None:  # the paper's: the detector draws |x − healthy(x)|
+            return healthy, scores
         return healthy, scores.float(), heatmap.float()
 
 
@@ -380,11 +390,11 @@ class HealthyGANConfig(LoopConfig):
     # EfficientNet-Lite0 trunk under a head of critic_width channels: nn/pretrained_critic.py)
     critic: str = "patch"
     critic_weights: str | None = "imagenet"
-    # the heatmap: "score" (the score's own map) or "nearest" (NearestHealthyPatch on the pretrained critic's
-    # trunk, beside the critic's score; needs critic="lite0" and score="critic" or "critic+nearest")
+    # the heatmap: "score" (the score's own map), "nearest" (NearestHealthyPatch on the pretrained critic's trunk,
+    # beside the critic's score) or "mask" (the generator's attention mask M: where it changes the scan)
     heatmap: str = "score"
     # weight of the mask's target term (0: the paper's losses alone): BCE of M_A against the probability that a pixel of
-    # A is not healthy by the nearest-patch memory (MaskTarget; needs heatmap="nearest")
+    # A is not healthy by the nearest-patch memory (MaskTarget)
     mask_target: float = 0.0
     # the rest of the loop's settings (batch_size 16, lr_decay_fraction 0.25, ema_decay 0.999: the EMA generator
     # scores, hflip, seed, keep_snapshots) keep LoopConfig's defaults
@@ -400,7 +410,7 @@ class HealthyGANConfig(LoopConfig):
 
 SCORES = ("pixel", "features", "critic", "critic+nearest")
 CRITIC_SCORES = ("critic", "critic+nearest")  # the critic scores, so it is saved with the model
-HEATMAPS = ("score", "nearest")
+HEATMAPS = ("score", "nearest", "mask")
 # share of B's trunk patches kept for the nearest-patch heatmap: PatchCore's cpu coreset fraction
 NEAREST_CORESET_FRACTION = 0.1
 
@@ -440,7 +450,9 @@ class HealthyGAN(GANDetector):
         # sixth (section 15; 0.852 against 0.837), the critic's part weighs less as it memorises B (`critic_weight`).
         # And by a seventh (section 19; masks coherent and small on every set and seed, criterion 0.858 against 0.852),
         # the mask is taught where the memory finds the scan unlike healthy ones (mask_target): without it the masks
-        # emptied out (seeds 0-1) or filled the image (seed 2), and the translation healed nothing.
+        # emptied out (seeds 0-1) or filled the image (seed 2), and the translation healed nothing. And by an eighth
+        # (section 20; lgg_flair's 695 unused lesion slices, three seeds: pixel AUROC inside the head 0.892 against
+        # 0.877), that mask is the heatmap (heatmap="mask"): HealthyGAN's own "where it had to change".
         "cpu": {
             "config": {
                 "lr": 3e-4,
@@ -453,7 +465,7 @@ class HealthyGAN(GANDetector):
                 "lambda_mask": 1.0,
                 "upsample": "nearest",
                 "score": "critic+nearest",
-                "heatmap": "nearest",
+                "heatmap": "mask",
                 "mask_target": 10.0,
                 "iterations": 1000,
                 "checkpoint_every": 100,
@@ -488,18 +500,12 @@ class HealthyGAN(GANDetector):
             raise ScanomalyError(f"score must be one of {SCORES}, got {c.score!r}")
         if c.heatmap not in HEATMAPS:
             raise ScanomalyError(f"heatmap must be one of {HEATMAPS}, got {c.heatmap!r}")
-        if c.score == "critic+nearest" and (c.critic, c.heatmap) != ("lite0", "nearest"):
-            raise ScanomalyError("score=critic+nearest adds the maximum of the nearest-patch map on the pretrained "
-                                 f"critic's features: it needs critic=lite0 and heatmap=nearest (got critic={c.critic}, "
-                                 f"heatmap={c.heatmap}); otherwise score with the critic alone: --set score=critic "
-                                 "heatmap=score")
-        if c.heatmap == "nearest" and (c.critic != "lite0" or c.score not in CRITIC_SCORES):
-            raise ScanomalyError("heatmap=nearest searches the pretrained critic's features: it needs critic=lite0 "
-                                 f"and the critic's score (got critic={c.critic}, score={c.score}); with another critic "
-                                 "or score, add heatmap=score (CLI: --set heatmap=score)")
-        if c.mask_target and c.heatmap != "nearest":
-            raise ScanomalyError("mask_target teaches the mask from the nearest-patch memory on the pretrained critic's "
-                                 f"features: it needs critic=lite0 and heatmap=nearest (got heatmap={c.heatmap})")
+        if self.keeps_memory and (c.critic != "lite0" or c.score not in CRITIC_SCORES):
+            uses = [f"heatmap={c.heatmap}"] * (c.heatmap == "nearest") + [f"score={c.score}"] * (c.score == "critic+nearest") \
+                + [f"mask_target={c.mask_target}"] * bool(c.mask_target)
+            raise ScanomalyError(f"{', '.join(uses)} uses the nearest-patch memory, which searches the pretrained critic's "
+                                 f"features: it needs critic=lite0 and the critic's score (got critic={c.critic}, "
+                                 f"score={c.score}); without it: --set heatmap=score mask_target=0")
         torch.manual_seed(c.seed)  # the initial weights are part of the seeded run
         if c.generator == "stargan":
             self.generator = MaskedTranslator(p.channels, c.width, c.residual_blocks, c.upsample)
@@ -524,6 +530,13 @@ class HealthyGAN(GANDetector):
         if c.score in CRITIC_SCORES:  # the critic scores too, so it is part of the saved model
             self.scoring_networks = ("generator", "critic")
             self.critic_reference = torch.zeros_like(self._critic_map(self.critic, torch.zeros(1, p.channels, p.image_size, p.image_size, device=self.device)))
+
+    @property
+    def keeps_memory(self) -> bool:
+        """Whether the model keeps the nearest-patch memory (B's trunk patches): for its heatmap, its score or its
+        mask's target."""
+        c = self.config
+        return c.heatmap == "nearest" or c.score == "critic+nearest" or bool(c.mask_target)
 
     @property
     def scoring_generator(self) -> MaskedTranslator:
@@ -568,7 +581,7 @@ class HealthyGAN(GANDetector):
             evaluate = lambda mods: self._aucp(mods, x_hold, pool)  # noqa: E731
 
         mask_target = None
-        if c.heatmap == "nearest":  # the critic's trunk is frozen: B's patches are the same before training as after
+        if self.keeps_memory:  # the critic's trunk is frozen: B's patches are the same before training as after
             self.healthy_patches = self.healthy_patch_bank(x_b)
         if c.mask_target:
             mask_target = MaskTarget(NearestHealthyPatch(self.critic, self.healthy_patches), x_hold)
@@ -595,7 +608,7 @@ class HealthyGAN(GANDetector):
     def fused_score_scales(self, unseen: torch.Tensor) -> torch.Tensor:
         """score="critic+nearest": (σ_critic, σ_memory), the standard deviations of the critic's deficit and of the
         nearest-patch map's maximum over scans that training did not see."""
-        scorer = self._scorer(self.scoring, self.critic_reference, self.healthy_patches)
+        scorer = self._scorer(self.scoring, self.critic_reference, self.healthy_patches, heatmap="nearest")  # the memory's map
         parts = [torch.stack([s, m.flatten(1).amax(1)], 1).cpu()
                  for _, s, m in (self._run_scoring(scorer, unseen[i : i + 64]) for i in range(0, len(unseen), 64))]
         return torch.cat(parts).double().std(0).float().clamp_min(1e-12).to(self.device)
@@ -659,20 +672,22 @@ class HealthyGAN(GANDetector):
         return torch.cat(out).numpy()
 
     def scoring_network(self) -> HealthyScorer:
-        nearest = self.config.heatmap == "nearest"
+        nearest = self.keeps_memory
         if nearest and self.healthy_patches is None:
-            raise ScanomalyError("heatmap=nearest: the model has no bank of healthy patches yet; fit or load it first")
+            raise ScanomalyError("the model's nearest-patch memory has no bank of healthy patches yet; fit or load it first")
         if self.config.score == "critic+nearest" and self.fused_scales is None:
             raise ScanomalyError("score=critic+nearest: the model has no score scales yet; fit or load it first")
         fused = self.fused_scales if self.config.score == "critic+nearest" else None
         return self._scorer(self.scoring, getattr(self, "critic_reference", None), self.healthy_patches if nearest else None,
                             fused)
 
-    def _scorer(self, networks, critic_reference, healthy_patches=None, fused_scales=None) -> HealthyScorer:
-        """(During training no bank exists and AUCp needs only the critic's scores.)"""
+    def _scorer(self, networks, critic_reference, healthy_patches=None, fused_scales=None, heatmap=None) -> HealthyScorer:
+        """(During training no bank exists and AUCp needs only the critic's scores.) `heatmap`: the config's unless
+        given."""
         deficit = None if critic_reference is None else CriticDeficit(networks["critic"], critic_reference)
         nearest = None if healthy_patches is None else NearestHealthyPatch(networks["critic"], healthy_patches)
-        return HealthyScorer(networks["generator"], self.feature_distance, deficit, nearest, fused_scales)
+        return HealthyScorer(networks["generator"], self.feature_distance, deficit, nearest, fused_scales,
+                             heatmap or self.config.heatmap)
 
     # -- persistence (GANDetector): the scoring generator is the model, with the critic and its reference
     # when the critic scores (otherwise the critic is only needed to train). A pretrained scoring
@@ -687,9 +702,9 @@ class HealthyGAN(GANDetector):
             if self.fused_scales is None:
                 raise ScanomalyError("score=critic+nearest: nothing to save, the model has no score scales (fit it first)")
             tensors[FUSED_SCALES] = self.fused_scales
-        if self.config.heatmap == "nearest":
+        if self.keeps_memory:
             if self.healthy_patches is None:
-                raise ScanomalyError("heatmap=nearest: nothing to save, the model has no bank of healthy patches (fit it first)")
+                raise ScanomalyError("nothing to save: the model's nearest-patch memory has no bank of healthy patches (fit it first)")
             tensors[HEALTHY_PATCHES] = self.healthy_patches
         return tensors
 
@@ -704,10 +719,10 @@ class HealthyGAN(GANDetector):
             if CRITIC_REFERENCE not in tensors:
                 raise ScanomalyError("this model scores with its critic but was saved without the critic's reference")
             self.critic_reference = tensors.pop(CRITIC_REFERENCE).to(self.device)
-        if self.config.heatmap == "nearest":
+        if self.keeps_memory:
             tensors = dict(tensors)
             if HEALTHY_PATCHES not in tensors:
-                raise ScanomalyError("this model draws its heatmap from healthy patches but was saved without them")
+                raise ScanomalyError("this model keeps a memory of healthy patches but was saved without them")
             self.healthy_patches = tensors.pop(HEALTHY_PATCHES).float().to(self.device)
         super().load_state_tensors(tensors)
         if self.feature_distance is not None:
