@@ -77,14 +77,14 @@ def components(det, images) -> np.ndarray:
 def translation_scores(det, images, batch_size: int = 64) -> dict[str, np.ndarray]:
     """The generator's evidence per scan: the paper's pixel score, the mask's mean, the feature distance of x and
     healthy(x) (mean and maximum of its map)."""
-    det.generator.eval()
+    generator = det.scoring_generator.eval()  # after load, the saved (EMA, AUCp-chosen) weights
     c = det.config
     extractor = pf.build_extractor(c.score_backbone, c.score_backbone_weights, c.score_stages, det.device)
     distance = pf.FeatureDistance(extractor, c.score_sigma, input_size=128)
     out: dict[str, list] = {"change": [], "mask": [], "features mean": [], "features max": []}
     for x in images.split(batch_size):
         x = x.to(det.device)
-        healthy, _, mask = det.generator(x)
+        healthy, _, mask = generator(x)
         _, maps = distance(x, healthy.float())
         for key, value in (("change", paper_score(x, healthy.float())), ("mask", mask.flatten(1).mean(1)),
                            ("features mean", maps.flatten(1).mean(1)), ("features max", maps.flatten(1).amax(1))):
