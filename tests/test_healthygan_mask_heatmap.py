@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import scanomaly.methods.healthygan as hg
 from scanomaly.detector import Detector
 from scanomaly.methods.healthygan import HealthyGAN, NearestHealthyPatch
 
@@ -67,9 +68,20 @@ def test_it_saves_loads_and_exports(fitted, tmp_path):
     np.testing.assert_allclose(o_maps, m1, rtol=0, atol=1e-4)
 
 
+def test_a_memory_used_only_to_teach_the_mask_is_not_searched_or_saved(tmp_path):
+    det = detector(score="critic").fit(blobs(10, seed=1), blobs(8, seed=2, lesion=True), progress=False)
+    assert not det.scores_with_memory and det.scoring_network().nearest is None
+    assert hg.HEALTHY_PATCHES not in det.state_tensors()
+    x = blobs(4, seed=3, lesion=True)
+    s1, m1 = det.score(x)
+    s2, m2 = Detector.load(det.save(tmp_path / "model")).score(x)
+    np.testing.assert_array_equal(s1, s2)
+    np.testing.assert_array_equal(m1, m2)
+
+
 def test_with_the_papers_pixel_score_it_needs_no_memory():
     det = HealthyGAN.from_profile("tiny", {"heatmap": "mask", "selection": "last", "iterations": 2})
-    assert not det.keeps_memory
+    assert not det.scores_with_memory
     det.fit(blobs(6, seed=1), blobs(6, seed=2), progress=False)
     assert det.healthy_patches is None
     x = blobs(4, seed=3)

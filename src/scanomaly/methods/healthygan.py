@@ -500,7 +500,7 @@ class HealthyGAN(GANDetector):
             raise ScanomalyError(f"score must be one of {SCORES}, got {c.score!r}")
         if c.heatmap not in HEATMAPS:
             raise ScanomalyError(f"heatmap must be one of {HEATMAPS}, got {c.heatmap!r}")
-        if self.keeps_memory and (c.critic != "lite0" or c.score not in CRITIC_SCORES):
+        if (self.scores_with_memory or c.mask_target) and (c.critic != "lite0" or c.score not in CRITIC_SCORES):
             uses = [f"heatmap={c.heatmap}"] * (c.heatmap == "nearest") + [f"score={c.score}"] * (c.score == "critic+nearest") \
                 + [f"mask_target={c.mask_target}"] * bool(c.mask_target)
             raise ScanomalyError(f"{', '.join(uses)} uses the nearest-patch memory, which searches the pretrained critic's "
@@ -532,11 +532,11 @@ class HealthyGAN(GANDetector):
             self.critic_reference = torch.zeros_like(self._critic_map(self.critic, torch.zeros(1, p.channels, p.image_size, p.image_size, device=self.device)))
 
     @property
-    def keeps_memory(self) -> bool:
-        """Whether the model keeps the nearest-patch memory (B's trunk patches): for its heatmap, its score or its
-        mask's target."""
+    def scores_with_memory(self) -> bool:
+        """Whether scoring searches the nearest-patch memory (B's trunk patches, then kept with the model): for the
+        heatmap or the score. The mask's target needs the memory too, in training only."""
         c = self.config
-        return c.heatmap == "nearest" or c.score == "critic+nearest" or bool(c.mask_target)
+        return c.heatmap == "nearest" or c.score == "critic+nearest"
 
     @property
     def scoring_generator(self) -> MaskedTranslator:
@@ -581,7 +581,7 @@ class HealthyGAN(GANDetector):
             evaluate = lambda mods: self._aucp(mods, x_hold, pool)  # noqa: E731
 
         mask_target = None
-        if self.keeps_memory:  # the critic's trunk is frozen: B's patches are the same before training as after
+        if self.scores_with_memory or c.mask_target:  # the critic's trunk is frozen: B's patches are the same before training as after
             self.healthy_patches = self.healthy_patch_bank(x_b)
         if c.mask_target:
             mask_target = MaskTarget(NearestHealthyPatch(self.critic, self.healthy_patches), x_hold)
@@ -672,7 +672,7 @@ class HealthyGAN(GANDetector):
         return torch.cat(out).numpy()
 
     def scoring_network(self) -> HealthyScorer:
-        nearest = self.keeps_memory
+        nearest = self.scores_with_memory
         if nearest and self.healthy_patches is None:
             raise ScanomalyError("the model's nearest-patch memory has no bank of healthy patches yet; fit or load it first")
         if self.config.score == "critic+nearest" and self.fused_scales is None:
@@ -702,7 +702,7 @@ class HealthyGAN(GANDetector):
             if self.fused_scales is None:
                 raise ScanomalyError("score=critic+nearest: nothing to save, the model has no score scales (fit it first)")
             tensors[FUSED_SCALES] = self.fused_scales
-        if self.keeps_memory:
+        if self.scores_with_memory:
             if self.healthy_patches is None:
                 raise ScanomalyError("nothing to save: the model's nearest-patch memory has no bank of healthy patches (fit it first)")
             tensors[HEALTHY_PATCHES] = self.healthy_patches
@@ -719,7 +719,7 @@ class HealthyGAN(GANDetector):
             if CRITIC_REFERENCE not in tensors:
                 raise ScanomalyError("this model scores with its critic but was saved without the critic's reference")
             self.critic_reference = tensors.pop(CRITIC_REFERENCE).to(self.device)
-        if self.keeps_memory:
+        if self.scores_with_memory:
             tensors = dict(tensors)
             if HEALTHY_PATCHES not in tensors:
                 raise ScanomalyError("this model keeps a memory of healthy patches but was saved without them")
