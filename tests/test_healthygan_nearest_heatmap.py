@@ -163,6 +163,8 @@ def test_the_fused_score_needs_held_out_scans_and_says_so_before_training(tmp_pa
     ({"heatmap": "nearest", "score": "pixel"}, "needs critic=lite0 and the critic's score"),
     ({"critic": "patch", "score": "critic+nearest", "heatmap": "score"}, r"score=critic\+nearest uses the nearest-patch memory"),
     ({"critic": "patch", "score": "critic+nearest"}, "needs critic=lite0 and the critic's score"),
+    # every use of the memory named, and how to do without each
+    ({"critic": "patch", "score": "critic+nearest"}, r"heatmap=nearest and score=critic\+nearest use .*--set heatmap=mask score=critic$"),
 ])
 def test_heatmap_option_errors(overrides, message):
     with pytest.raises(ScanomalyError, match=message):

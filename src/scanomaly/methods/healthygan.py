@@ -501,11 +501,12 @@ class HealthyGAN(GANDetector):
         if c.heatmap not in HEATMAPS:
             raise ScanomalyError(f"heatmap must be one of {HEATMAPS}, got {c.heatmap!r}")
         if (self.scores_with_memory or c.mask_target) and (c.critic != "lite0" or c.score not in CRITIC_SCORES):
-            uses = [f"heatmap={c.heatmap}"] * (c.heatmap == "nearest") + [f"score={c.score}"] * (c.score == "critic+nearest") \
-                + [f"mask_target={c.mask_target}"] * bool(c.mask_target)
-            raise ScanomalyError(f"{', '.join(uses)} uses the nearest-patch memory, which searches the pretrained critic's "
+            uses = {f"heatmap={c.heatmap}": "heatmap=mask", f"score={c.score}": "score=critic",
+                    f"mask_target={c.mask_target}": "mask_target=0"}
+            used = [u for u, on in zip(uses, (c.heatmap == "nearest", c.score == "critic+nearest", bool(c.mask_target))) if on]
+            raise ScanomalyError(f"{' and '.join(used)} {'use' if len(used) > 1 else 'uses'} the nearest-patch memory, which searches the pretrained critic's "
                                  f"features: it needs critic=lite0 and the critic's score (got critic={c.critic}, "
-                                 f"score={c.score}); without it: --set heatmap=score mask_target=0")
+                                 f"score={c.score}); without the memory: --set {' '.join(uses[u] for u in used)}")
         torch.manual_seed(c.seed)  # the initial weights are part of the seeded run
         if c.generator == "stargan":
             self.generator = MaskedTranslator(p.channels, c.width, c.residual_blocks, c.upsample)
