@@ -73,14 +73,18 @@ def components(det, images) -> np.ndarray:
     return np.c_[scores, maps.reshape(len(maps), -1).max(1)]
 
 
+def feature_distance(det) -> pf.FeatureDistance:
+    """`score="features"`'s distance with the run's backbone settings, the scans enlarged to 128 px."""
+    c = det.config
+    extractor = pf.build_extractor(c.score_backbone, c.score_backbone_weights, c.score_stages, det.device)
+    return pf.FeatureDistance(extractor, c.score_sigma, input_size=128)
+
+
 @torch.no_grad()
-def translation_scores(det, images, batch_size: int = 64) -> dict[str, np.ndarray]:
+def translation_scores(det, distance: pf.FeatureDistance, images, batch_size: int = 64) -> dict[str, np.ndarray]:
     """The generator's evidence per scan: the paper's pixel score, the mask's mean, the feature distance of x and
     healthy(x) (mean and maximum of its map)."""
     generator = det.scoring_generator.eval()  # after load, the saved (EMA, AUCp-chosen) weights
-    c = det.config
-    extractor = pf.build_extractor(c.score_backbone, c.score_backbone_weights, c.score_stages, det.device)
-    distance = pf.FeatureDistance(extractor, c.score_sigma, input_size=128)
     out: dict[str, list] = {"change": [], "mask": [], "features mean": [], "features max": []}
     for x in images.split(batch_size):
         x = x.to(det.device)
@@ -136,7 +140,8 @@ def main() -> None:
         sigma_scans = torch.cat([hold, pool[: c.aucp_pool]])
         sigma = components(det, sigma_scans).std(0, ddof=1)
         if args.translation:  # candidate T's third part is scaled over the same unseen scans
-            sigma_features = float(translation_scores(det, sigma_scans)["features max"].std(ddof=1))
+            distance = feature_distance(det)
+            sigma_features = float(translation_scores(det, distance, sigma_scans)["features max"].std(ddof=1))
         # W (section 15): the critic's part weighted by w = clip(2 (1 − m), 0, 1), m its memorisation of B as fit
         # measures it (B's training scans against the held-out healthy ones)
         b_train = healthy.images if split.healthy_holdout else _split_off(healthy.images, c.holdout_fraction, c.seed)[0]
@@ -153,7 +158,7 @@ def main() -> None:
             scores = {"critic": comp[:, 0], "memory": comp[:, 1], "F": (comp / sigma).sum(1),
                       "W": weight * comp[:, 0] / sigma[0] + comp[:, 1] / sigma[1]}
             if args.translation:
-                scores |= translation_scores(det, images.images)
+                scores |= translation_scores(det, distance, images.images)
                 scores["T"] = scores["W"] + scores["features max"] / sigma_features
             row[part] = {k: float(roc_auc_score(y, s)) for k, s in scores.items()}
             if part == "val" and images.masks is not None:

@@ -501,12 +501,15 @@ class HealthyGAN(GANDetector):
         if c.heatmap not in HEATMAPS:
             raise ScanomalyError(f"heatmap must be one of {HEATMAPS}, got {c.heatmap!r}")
         if (self.scores_with_memory or c.mask_target) and (c.critic != "lite0" or c.score not in CRITIC_SCORES):
-            uses = {f"heatmap={c.heatmap}": "heatmap=mask", f"score={c.score}": "score=critic",
-                    f"mask_target={c.mask_target}": "mask_target=0"}
-            used = [u for u, on in zip(uses, (c.heatmap == "nearest", c.score == "critic+nearest", bool(c.mask_target))) if on]
-            raise ScanomalyError(f"{' and '.join(used)} {'use' if len(used) > 1 else 'uses'} the nearest-patch memory, which searches the pretrained critic's "
-                                 f"features: it needs critic=lite0 and the critic's score (got critic={c.critic}, "
-                                 f"score={c.score}); without the memory: --set {' '.join(uses[u] for u in used)}")
+            # each setting that uses the memory, and the one that does without it
+            used = [(setting, fix) for setting, fix, on in (
+                (f"heatmap={c.heatmap}", "heatmap=mask", c.heatmap == "nearest"),
+                (f"score={c.score}", "score=critic", c.score == "critic+nearest"),
+                (f"mask_target={c.mask_target}", "mask_target=0", bool(c.mask_target))) if on]
+            raise ScanomalyError(f"{' and '.join(u for u, _ in used)} {'use' if len(used) > 1 else 'uses'} the "
+                                 "nearest-patch memory, which searches the pretrained critic's features: it needs "
+                                 f"critic=lite0 and the critic's score (got critic={c.critic}, score={c.score}); "
+                                 f"without the memory: --set {' '.join(fix for _, fix in used)}")
         torch.manual_seed(c.seed)  # the initial weights are part of the seeded run
         if c.generator == "stargan":
             self.generator = MaskedTranslator(p.channels, c.width, c.residual_blocks, c.upsample)
