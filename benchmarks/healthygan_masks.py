@@ -9,6 +9,7 @@ over the validation images:
   vertical stripes, column by column, show as a row TV far above the column TV;
 - the correlation of neighbouring columns' M (stripes alternating 0 / 1: near −1; coherent masks: near +1);
 - the mean size, in pixels, of the connected regions of M > 0.5 (8-connectivity), and their count per image;
+- border / inside: mean M over the outer 3 pixels of the image against the mean M inside;
 - on data with lesion masks (lgg_flair): the pixel AUROC of M, and of |x − healthy(x)|, against the
   lesion masks inside the head (`localization.pixel_auroc` with its foreground region);
 - whether the pattern is tied to pixel positions rather than to the scan (`positional_stats`).
@@ -41,9 +42,14 @@ from scanomaly.splits import read_split_manifest
 
 
 
+BORDER = 3
+
+
 def mask_stats(masks: np.ndarray) -> dict[str, float]:
     """masks [N, S, S] in [0, 1]."""
     binary = masks > 0.5
+    border = np.ones(masks.shape[1:], bool)
+    border[BORDER:-BORDER, BORDER:-BORDER] = False
     sizes, counts = [], []
     for b in binary:
         labels, n = ndimage.label(b, structure=np.ones((3, 3)))
@@ -59,6 +65,9 @@ def mask_stats(masks: np.ndarray) -> dict[str, float]:
         "neighbour-column corr": float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan"),
         "region size px": float(np.mean(sizes)) if sizes else 0.0,
         "regions / image": float(np.mean(counts)),
+        # the 7 x 7 output convolution's zero padding reaches BORDER pixels in: a frame brighter than the inside is
+        # the padding's, not the scan's (docs/experiments.md, section 24)
+        "border / inside": float(masks[:, border].mean() / max(masks[:, ~border].mean(), 1e-12)),
     }
 
 
