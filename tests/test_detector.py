@@ -87,13 +87,13 @@ def test_gan_methods_configure_the_loop_with_their_own_config(monkeypatch):
 
 
 def test_retired_options_load_at_the_value_the_code_now_has():
-    # a model.json written before upsample / critic_final_size / frame_jitter / critic_augment / nearest_neighbourhood
-    # were removed (mask_offset was removed too, and is an option again)
+    # a model.json written before mask_offset / upsample / critic_final_size / frame_jitter / critic_augment /
+    # nearest_neighbourhood were removed
     old = {"mask_offset": 0.0, "upsample": "transposed", "critic_final_size": 4, "frame_jitter": 0.0, "critic_augment": "",
            "nearest_neighbourhood": 1, "width": 8}
     assert config_from_dict(HealthyGANConfig, old).width == 8
-    with pytest.raises(ScanomalyError, match="critic_final_size=8 is no longer supported"):
-        config_from_dict(HealthyGANConfig, {**old, "critic_final_size": 8})
+    with pytest.raises(ScanomalyError, match="mask_offset=-1.0 is no longer supported"):
+        config_from_dict(HealthyGANConfig, {**old, "mask_offset": -1.0})
     with pytest.raises(ScanomalyError, match="critic_augment='translation,cutout' is no longer supported"):
         config_from_dict(HealthyGANConfig, {**old, "critic_augment": "translation,cutout"})
     with pytest.raises(ScanomalyError, match="nearest_neighbourhood=3 is no longer supported"):

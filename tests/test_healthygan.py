@@ -42,23 +42,6 @@ def test_generator_has_no_biases():
     assert convs and all(c.bias is None for c in convs)
 
 
-def test_a_negative_mask_offset_starts_the_mask_below_the_zero_one_barrier():
-    x = torch.rand(4, 1, 32, 32) * 2 - 1
-    for seed in range(3):  # the same initial weights with and without the offset
-        torch.manual_seed(seed)
-        h0, t0, m0 = MaskedTranslator(1, 8, 1, "nearest")(x)
-        torch.manual_seed(seed)
-        h1, t1, m1 = MaskedTranslator(1, 8, 1, "nearest", mask_offset=-1.0)(x)
-        torch.testing.assert_close(t1, t0)  # the translation is untouched; the offset is on the mask's logit
-        torch.testing.assert_close(m1, (torch.tanh(torch.atanh(2 * m0 - 1) - 1) + 1) / 2, atol=1e-5, rtol=1e-4)
-        # without it a third to most of the pixels start above 0.5, where the zero-one term holds them; with it few do
-        above0, above1 = float((m0 > 0.5).float().mean()), float((m1 > 0.5).float().mean())
-        assert above0 > 0.2 and above1 < above0 / 5 and float(m1.mean()) < 0.3
-    assert HealthyGAN.from_profile("tiny", {"mask_offset": -1.0}).generator.mask_offset == -1.0
-    with pytest.raises(ScanomalyError, match="mask_offset applies to the StarGAN generator"):
-        HealthyGAN.from_profile("tiny", {"mask_offset": -1.0, "generator": "lite0", "encoder_weights": "random"})
-
-
 @pytest.mark.parametrize("size,expected_layers", [(256, 6), (64, 4), (32, 3)])
 def test_critic_depth_follows_image_size(size, expected_layers):
     d = PatchCritic(1, size, width=8, max_width=64)

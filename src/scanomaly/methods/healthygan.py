@@ -87,10 +87,8 @@ class MaskedTranslator(nn.Module):
     then a 3x3 convolution: transposed convolutions make even and odd columns with different taps,
     and the mask loss's zero-one term turns that parity into 0/1 stripes (docs/experiments.md)."""
 
-    def __init__(self, channels: int = 1, width: int = 64, residual_blocks: int = 6, upsample: str = "transposed",
-                 mask_offset: float = 0.0):
+    def __init__(self, channels: int = 1, width: int = 64, residual_blocks: int = 6, upsample: str = "transposed"):
         super().__init__()
-        self.mask_offset = mask_offset
         if upsample not in UPSAMPLING:
             raise ScanomalyError(f"upsample must be one of {UPSAMPLING}, got {upsample!r}")
         w = width
@@ -118,8 +116,9 @@ class MaskedTranslator(nn.Module):
         out = self.net(x)
         translation = torch.tanh(out[:, :-1])
         # about 0.5 at initialisation, to one side or the other by seed; the mask loss's zero-one term then drives each pixel
-        # to the side it starts on (the cpu profile's seed 2 starts above 0.5 and ends with M = 1: docs/experiments.md, section 17)
-        mask = (torch.tanh(out[:, -1:] + self.mask_offset) + 1) / 2
+        # to the side it starts on (the cpu profile's seed 2 starts above 0.5 and ends with M = 1: docs/experiments.md, section 17;
+        # the border rows the output convolution's padding reaches can start above it and hold a warm frame in short runs: section 24)
+        mask = (torch.tanh(out[:, -1:]) + 1) / 2
         healthy = mask * translation + (1 - mask) * x
         return healthy, translation, mask
 
@@ -387,9 +386,6 @@ class HealthyGANConfig(LoopConfig):
     # upsample + conv decoder: nn/pretrained_translator.py); width and residual_blocks size its decoder
     generator: str = "stargan"
     upsample: str = "transposed"  # the StarGAN generator's ups: "transposed" (the original's) or "nearest"
-    # a fixed offset on the StarGAN generator's mask logit: 0, the original's, starts M about 0.5, each pixel to one
-    # side or the other of the zero-one term's barrier; negative starts every pixel below it
-    mask_offset: float = 0.0
     encoder_weights: str | None = "imagenet"
     # the critic: "patch" (the paper's strided convolutions, critic_width..critic_max_width) or "lite0" (a frozen
     # EfficientNet-Lite0 trunk under a head of critic_width channels: nn/pretrained_critic.py)
@@ -405,6 +401,9 @@ class HealthyGANConfig(LoopConfig):
     # scores, hflip, seed, keep_snapshots) keep LoopConfig's defaults
 
     retired_options: ClassVar[dict] = {**LoopConfig.retired_options, "critic_final_size": 4,
+                                     # masks that start below 0.5: lost in 2026-11, and again with the mask taught
+                                     # (section 24)
+                                     "mask_offset": 0.0,
                                      # DiffAugment for the critic: lost two validation rounds (BENCHMARKS.md, A1 and P2)
                                      "critic_augment": "",
                                      # the memory over 3 x 3 patch neighbourhoods: lost its round (section 14)
@@ -517,10 +516,8 @@ class HealthyGAN(GANDetector):
                                  f"without the memory: --set {' '.join(fix for _, fix in used)}")
         torch.manual_seed(c.seed)  # the initial weights are part of the seeded run
         if c.generator == "stargan":
-            self.generator = MaskedTranslator(p.channels, c.width, c.residual_blocks, c.upsample, c.mask_offset)
+            self.generator = MaskedTranslator(p.channels, c.width, c.residual_blocks, c.upsample)
         elif c.generator == "lite0":
-            if c.mask_offset:
-                raise ScanomalyError("mask_offset applies to the StarGAN generator (generator=stargan)")
             encoder = pf.build_extractor("efficientnet_lite0", c.encoder_weights, ENCODER_STAGES, torch.device("cpu"))
             self.generator = PretrainedMaskedTranslator(encoder, p.channels, c.width, c.residual_blocks)
         else:
