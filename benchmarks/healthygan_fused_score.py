@@ -22,7 +22,9 @@ set's size allows one to tell. --translation adds, on the same parts, the AUROC 
 ("score = what had to change"): the paper's pixel score mean |x − healthy(x)| / 2, the mask's mean, and the
 feature distance of x and healthy(x) (`score="features"`: Lite0 stages 2-3 at 128 px, mean and max of the map),
 and T: W with that distance's maximum, scaled by its spread over the same unseen scans, as a third part
-(docs/experiments.md, section 20).
+(docs/experiments.md, section 20). --multiscale adds X (section 25): W with the memory's part max(s1 / σ1, s3 / σ3),
+s1 the single-patch map's maximum, s3 the maximum of the map of trunk patches averaged over 3 x 3 neighbourhoods
+against a 10% coreset of B's averaged patches, each σ over the same unseen scans; X's σ_memory is that part's spread.
 """
 
 from __future__ import annotations
@@ -32,14 +34,18 @@ import csv
 import json
 from pathlib import Path
 
+import math
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from scanomaly.data import load_images
 from scanomaly.detector import Detector
 from scanomaly.methods import _patch_features as pf
-from scanomaly.methods.healthygan import _split_off, critic_weight, paper_score
+from scanomaly.methods.healthygan import NEAREST_CORESET_FRACTION, NearestHealthyPatch, _split_off, critic_weight, paper_score
+from scanomaly.methods.patchcore import greedy_coreset
 from scanomaly.localization import foreground_mask, pixel_auroc
 from scanomaly.metrics import bootstrap_auroc_ci
 from scanomaly.pipeline import without_labels
@@ -96,6 +102,32 @@ def translation_scores(det, distance: pf.FeatureDistance, images, batch_size: in
     return {k: torch.cat(v).numpy() for k, v in out.items()}
 
 
+class NeighbourhoodTrunk(torch.nn.Module):
+    """The critic's trunk features, each patch averaged with its 3 x 3 neighbours (PatchCore's step 1)."""
+
+    def __init__(self, critic):
+        super().__init__()
+        self.critic = critic
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(self.critic.features(x), 3, 1, 1)
+
+
+@torch.no_grad()
+def neighbourhood_memory(det, healthy: torch.Tensor) -> NearestHealthyPatch:
+    """X's coarse scale: the nearest-patch map of 3 x 3-averaged trunk patches against a coreset of B's."""
+    trunk = NeighbourhoodTrunk(det.scoring["critic"]).eval()
+    feats = torch.cat([trunk.features(healthy[i : i + 64]).float().permute(0, 2, 3, 1).flatten(0, 2)
+                       for i in range(0, len(healthy), 64)])
+    keep = greedy_coreset(feats, math.ceil(NEAREST_CORESET_FRACTION * len(feats)), seed=det.config.seed)
+    return NearestHealthyPatch(trunk, feats[keep].contiguous())
+
+
+@torch.no_grad()
+def map_maxima(nearest: NearestHealthyPatch, images: torch.Tensor) -> np.ndarray:
+    return torch.cat([nearest(images[i : i + 64]).flatten(1).amax(1) for i in range(0, len(images), 64)]).numpy()
+
+
 def read_test_scores(run: Path) -> dict:
     """A `run_method` run's test scores by (path, index)."""
     with open(run / "test_scores.csv") as f:
@@ -123,6 +155,7 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=400, help="--unseen: at most this many scans of each label")
     ap.add_argument("--against", type=Path, default=None, help="with --test: another method's run on the same split")
     ap.add_argument("--translation", action="store_true", help="also the generator's own evidence (section 20)")
+    ap.add_argument("--multiscale", action="store_true", help="also X, both patch scales in the memory (section 25)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.against and not args.test:
@@ -142,6 +175,11 @@ def main() -> None:
         if args.translation:  # candidate T's third part is scaled over the same unseen scans
             distance = feature_distance(det)
             sigma_features = float(translation_scores(det, distance, sigma_scans)["features max"].std(ddof=1))
+        if args.multiscale:  # X: the larger of the two scales' standardised maxima, scaled again over the same scans
+            coarse = neighbourhood_memory(det, healthy.images)
+            s1, s3 = components(det, sigma_scans)[:, 1], map_maxima(coarse, sigma_scans)
+            scale_1, scale_3 = s1.std(ddof=1), s3.std(ddof=1)
+            sigma_x = float(np.maximum(s1 / scale_1, s3 / scale_3).std(ddof=1))
         # W (section 15): the critic's part weighted by w = clip(2 (1 − m), 0, 1), m its memorisation of B as fit
         # measures it (B's training scans against the held-out healthy ones)
         b_train = healthy.images if split.healthy_holdout else _split_off(healthy.images, c.holdout_fraction, c.seed)[0]
@@ -160,6 +198,10 @@ def main() -> None:
             if args.translation:
                 scores |= translation_scores(det, distance, images.images)
                 scores["T"] = scores["W"] + scores["features max"] / sigma_features
+            if args.multiscale:
+                scores["memory 3x3"] = map_maxima(coarse, images.images)
+                scores["memory X"] = np.maximum(comp[:, 1] / scale_1, scores["memory 3x3"] / scale_3)
+                scores["X"] = weight * comp[:, 0] / sigma[0] + scores["memory X"] / sigma_x
             row[part] = {k: float(roc_auc_score(y, s)) for k, s in scores.items()}
             if part == "val" and images.masks is not None:
                 row["val"]["pixel"] = pixel_auroc(det.score(images)[1], images.masks.numpy().astype(bool),
