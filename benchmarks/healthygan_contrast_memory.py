@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from scanomaly.methods.healthygan import critic_weight, split_off_indices
+from scanomaly.methods.healthygan import critic_weight
 
 from healthygan_fused_score import open_run, per_label_sample
-from healthygan_memory_variants import nearest_maps, two_folds
+from healthygan_memory_variants import a_as_fit_splits_it, nearest_maps, two_folds
 
 
 def main() -> None:
@@ -41,9 +41,8 @@ def main() -> None:
         c = det.config
         x_b = load(split.healthy).images
         hold = load(split.healthy_holdout)
-        a_kept, a_pool = split_off_indices(len(split.unlabeled), c.holdout_fraction, c.seed)
-        a_train = load([split.unlabeled[i] for i in a_kept.tolist()])
-        pool = [split.unlabeled[i] for i in a_pool.tolist()][: c.aucp_pool]
+        a_records, pool = a_as_fit_splits_it(split, c)
+        a_train = load(a_records)
         unseen_for_sigma = torch.cat([hold.images, load(pool).images])
         det.config.score, det.config.heatmap = "critic", "score"
         deficit = lambda images: np.asarray(det.score(images)[0])  # noqa: E731

@@ -24,14 +24,13 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from scanomaly.data import load_images
-from scanomaly.detector import Detector, get_method
+from scanomaly.detector import get_method
 from scanomaly.methods import _patch_features as pf
 from scanomaly.methods.healthygan import NEAREST_CORESET_FRACTION, NearestHealthyPatch
 from scanomaly.methods.patchcore import greedy_coreset
 from scanomaly.nn.pretrained_critic import CRITIC_STAGES, PretrainedPatchCritic
-from scanomaly.splits import read_split_manifest
 
-from healthygan_fused_score import unseen_records
+from healthygan_fused_score import open_run, unseen_records
 
 TRUNKS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
@@ -58,12 +57,11 @@ def main() -> None:
     args = ap.parse_args()
     table = {}
     for run in args.runs:
-        det = Detector.load(run / "model")
-        split = read_split_manifest(run / "split.csv")
+        det, split, load = open_run(run)
         prep = det.preprocessing
         sets = {"wider": unseen_records(split, args.per_class), "val": split.healthy_holdout + split.val_abnormal}
-        healthy = load_images(split.healthy, prep, progress=False).images
-        images = {k: load_images(v, prep, progress=False) for k, v in sets.items()}
+        healthy = load(split.healthy).images
+        images = {k: load(v) for k, v in sets.items()}
         row = {k: [int(sum(np.asarray(v.labels) == 0)), int(sum(np.asarray(v.labels) == 1))] for k, v in images.items()}
         for trunk in args.trunks.split(","):
             t0 = time.perf_counter()

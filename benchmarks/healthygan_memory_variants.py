@@ -50,6 +50,12 @@ from scanomaly.methods.patchcore import greedy_coreset, nearest_neighbors, rewei
 from healthygan_fused_score import open_run, per_label_sample, unseen_records  # unseen: section 14's wider set
 
 
+def a_as_fit_splits_it(split, config) -> tuple[list, list]:
+    """A's training part (what fit trains on) and the AUCp pool fit holds out of it, as records."""
+    kept, pool = split_off_indices(len(split.unlabeled), config.holdout_fraction, config.seed)
+    return [split.unlabeled[i] for i in kept.tolist()], [split.unlabeled[i] for i in pool.tolist()][: config.aucp_pool]
+
+
 def two_folds(records, seed: int) -> np.ndarray:
     """Fold 0 or 1 for each record; the unit is a patient where records carry ids."""
     units = sorted({r.patient_id or f"#{i}" for i, r in enumerate(records)})
@@ -125,9 +131,7 @@ def main() -> None:
         c = det.config
         x_b = load(split.healthy).images
         hold = load(split.healthy_holdout)
-        a_kept, a_pool = split_off_indices(len(split.unlabeled), c.holdout_fraction, c.seed)  # as fit splits A
-        a_train = [split.unlabeled[i] for i in a_kept.tolist()]
-        pool = [split.unlabeled[i] for i in a_pool.tolist()][: c.aucp_pool]
+        a_train, pool = a_as_fit_splits_it(split, c)
         x_a_train, x_pool = load(a_train), load(pool)
         unseen_for_sigma = torch.cat([hold.images, x_pool.images])
         det.config.score, det.config.heatmap = "critic", "score"  # det.score: the critic's deficit; maps by hand below
