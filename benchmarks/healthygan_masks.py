@@ -66,7 +66,7 @@ def mask_stats(masks: np.ndarray) -> dict[str, float]:
         "region size px": float(np.mean(sizes)) if sizes else 0.0,
         "regions / image": float(np.mean(counts)),
         # the 7 x 7 output convolution's zero padding reaches BORDER pixels in; a frame warmer than the inside can be
-        # the padding's (short runs) or taught (chest's neck and shoulders): docs/experiments.md, section 24
+        # the padding's (the demo's band) or taught (chest's neck and shoulders): docs/experiments.md, section 24
         "border / inside": float(masks[:, border].mean() / max(masks[:, ~border].mean(), 1e-12)),
     }
 

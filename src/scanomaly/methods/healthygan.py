@@ -117,7 +117,7 @@ class MaskedTranslator(nn.Module):
         translation = torch.tanh(out[:, :-1])
         # about 0.5 at initialisation, to one side or the other by seed; the mask loss's zero-one term then drives each pixel
         # to the side it starts on (the cpu profile's seed 2 starts above 0.5 and ends with M = 1: docs/experiments.md, section 17;
-        # the border rows the output convolution's padding reaches can start above it and hold a warm frame in short runs: section 24)
+        # the rows the output convolution's padding reaches can start above it and keep a warm band, as in the demo: section 24)
         mask = (torch.tanh(out[:, -1:]) + 1) / 2
         healthy = mask * translation + (1 - mask) * x
         return healthy, translation, mask
