@@ -39,10 +39,7 @@ from scanomaly.localization import evaluate_localization, foreground_mask, pixel
 from scanomaly.options import parse_set
 from scanomaly.splits import read_split_manifest
 
-
-
-
-BORDER = 3
+BORDER = 3  # pixels the generator's 7 x 7 output convolution's padding reaches
 
 
 def mask_stats(masks: np.ndarray) -> dict[str, float]:
