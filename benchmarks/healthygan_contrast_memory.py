@@ -23,10 +23,8 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from scanomaly.methods.healthygan import critic_weight
-
-from healthygan_fused_score import open_run, per_label_sample
-from healthygan_memory_variants import a_as_fit_splits_it, nearest_maps, two_folds
+from healthygan_fused_score import per_label_sample
+from healthygan_memory_variants import nearest_maps, open_for_memory, two_folds
 
 
 def main() -> None:
@@ -37,17 +35,10 @@ def main() -> None:
     args = ap.parse_args()
     table = {}
     for run in args.runs:
-        det, split, load = open_run(run)
-        c = det.config
-        x_b = load(split.healthy).images
-        hold = load(split.healthy_holdout)
-        a_records, pool = a_as_fit_splits_it(split, c)
-        a_train = load(a_records)
-        unseen_for_sigma = torch.cat([hold.images, load(pool).images])
-        det.config.score, det.config.heatmap = "critic", "score"
-        deficit = lambda images: np.asarray(det.score(images)[0])  # noqa: E731
-        weight = critic_weight(det._critic_memorisation(x_b, hold.images))
-        sigma_critic = float(np.std(deficit(unseen_for_sigma), ddof=1))
+        opened = open_for_memory(run)
+        det, split, load, c = opened.det, opened.split, opened.load, opened.det.config
+        x_b, a_train, pool, unseen_for_sigma = opened.x_b, opened.a_train, opened.pool, opened.unseen_for_sigma
+        deficit, weight, sigma_critic = opened.deficit, opened.weight, opened.sigma_critic
         bank_b = det.healthy_patch_bank(x_b)
         folds = two_folds(a_train.records, seed=c.seed)
         others = list(split.healthy_holdout) + pool + list(split.val_abnormal) + list(split.unused)

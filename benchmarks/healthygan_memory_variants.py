@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,37 @@ def a_as_fit_splits_it(split, config) -> tuple[list, list]:
     """A's training part (what fit trains on) and the AUCp pool fit holds out of it, as records."""
     kept, pool = split_off_indices(len(split.unlabeled), config.holdout_fraction, config.seed)
     return [split.unlabeled[i] for i in kept.tolist()], [split.unlabeled[i] for i in pool.tolist()][: config.aucp_pool]
+
+
+@dataclass
+class RunForMemory:
+    """A run opened as fit saw it, for scoring variants of the memory beside the critic's part of W."""
+    det: object
+    split: object
+    load: object
+    x_b: torch.Tensor  # B
+    hold: object  # the held-out healthy scans (loaded)
+    a_train: object  # A's training part (loaded)
+    pool: list  # the AUCp pool (records)
+    unseen_for_sigma: torch.Tensor  # held-out healthy ∪ the pool: the scans fit takes W's scales over
+    weight: float  # w, the critic's weight from its memorisation of B
+    sigma_critic: float
+
+    def deficit(self, images) -> np.ndarray:
+        """The critic's deficit (the detector is set to score with the critic alone)."""
+        return np.asarray(self.det.score(images)[0])
+
+
+def open_for_memory(run: Path) -> RunForMemory:
+    det, split, load = open_run(run)
+    x_b, hold = load(split.healthy).images, load(split.healthy_holdout)
+    a_train, pool = a_as_fit_splits_it(split, det.config)
+    unseen_for_sigma = torch.cat([hold.images, load(pool).images])
+    det.config.score, det.config.heatmap = "critic", "score"  # det.score: the critic's deficit; maps by hand
+    opened = RunForMemory(det, split, load, x_b, hold, load(a_train), pool, unseen_for_sigma,
+                          critic_weight(det._critic_memorisation(x_b, hold.images)), 0.0)
+    opened.sigma_critic = float(np.std(opened.deficit(unseen_for_sigma), ddof=1))
+    return opened
 
 
 def two_folds(records, seed: int) -> np.ndarray:
@@ -127,20 +159,11 @@ def main() -> None:
     args = ap.parse_args()
     table = {}
     for run in args.runs:
-        det, split, load = open_run(run)
-        c = det.config
-        x_b = load(split.healthy).images
-        hold = load(split.healthy_holdout)
-        a_train, pool = a_as_fit_splits_it(split, c)
-        x_a_train, x_pool = load(a_train), load(pool)
-        unseen_for_sigma = torch.cat([hold.images, x_pool.images])
-        det.config.score, det.config.heatmap = "critic", "score"  # det.score: the critic's deficit; maps by hand below
-
-        def deficit(images):
-            return np.asarray(det.score(images)[0])
-
-        weight = critic_weight(det._critic_memorisation(x_b, hold.images))
-        sigma_critic = float(np.std(deficit(unseen_for_sigma), ddof=1))
+        opened = open_for_memory(run)
+        det, split, load, c = opened.det, opened.split, opened.load, opened.det.config
+        x_b, x_a_train, pool = opened.x_b, opened.a_train, opened.pool
+        unseen_for_sigma, deficit = opened.unseen_for_sigma, opened.deficit
+        weight, sigma_critic = opened.weight, opened.sigma_critic
 
         def W(images, critic_part, bank):
             """W (the profile's score) with this bank: σ_memory over the scans fit uses, as fit does."""
