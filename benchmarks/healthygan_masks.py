@@ -9,7 +9,8 @@ over the validation images:
   vertical stripes, column by column, show as a row TV far above the column TV;
 - the correlation of neighbouring columns' M (stripes alternating 0 / 1: near −1; coherent masks: near +1);
 - the mean size, in pixels, of the connected regions of M > 0.5 (8-connectivity), and their count per image;
-- border / inside: mean M over the outer 3 pixels of the image against the mean M inside;
+- border / inside: mean M over the outer 3 pixels of the image against the mean M inside; edge step: the
+  largest, over the four edges, of mean M over the outer 3 lines minus mean M over the fourth line;
 - on data with lesion masks (lgg_flair): the pixel AUROC of M, and of |x − healthy(x)|, against the
   lesion masks inside the head (`localization.pixel_auroc` with its foreground region);
 - whether the pattern is tied to pixel positions rather than to the scan (`positional_stats`).
@@ -65,6 +66,12 @@ def mask_stats(masks: np.ndarray) -> dict[str, float]:
         # the 7 x 7 output convolution's zero padding reaches BORDER pixels in; a frame warmer than the inside can be
         # the padding's (the demo's band) or taught (chest's neck and shoulders): docs/experiments.md, section 24
         "border / inside": float(masks[:, border].mean() / max(masks[:, ~border].mean(), 1e-12)),
+        # the same band as a step: the outer BORDER lines of each edge against the line just inside them. A band the
+        # padding keeps steps there (the demo's: about 0.5); a mask taught warmer towards an edge falls smoothly (the
+        # full chest runs: about 0.01). The largest of the four edges (section 26)
+        # (each edge's lines first: top, bottom, left, right)
+        "edge step": float(max(lines[:BORDER].mean() - lines[BORDER].mean() for lines in (
+            masks.transpose(1, 0, 2), masks[:, ::-1].transpose(1, 0, 2), masks.transpose(2, 0, 1), masks[:, :, ::-1].transpose(2, 0, 1)))),
     }
 
 

@@ -1,7 +1,7 @@
 """HealthyGAN's `critic` score: the critic's deficit against the healthy set B, patch by patch. Zero on
 average over B, larger and located where a lesion was pasted once the critic has learned it, chosen by AUCp
 with the generator, saved and loaded exactly (critic and reference), exported to ONNX with the same
-scores; and the StarGAN generator's `upsample=nearest`."""
+scores; and the StarGAN generator's `upsample=nearest` and `padding=reflect`."""
 
 from __future__ import annotations
 
@@ -94,8 +94,9 @@ def test_a_critic_model_without_its_reference_is_refused(tmp_path):
         critic_detector().load_state_tensors(tensors)
 
 
-def test_critic_onnx_export_has_score_and_heatmap_parity(tmp_path):
-    det = critic_detector().fit(blobs(8, seed=1), blobs(8, seed=2), progress=False)
+@pytest.mark.parametrize("padding, heatmap", [("zeros", "score"), ("reflect", "mask")])
+def test_critic_onnx_export_has_score_and_heatmap_parity(tmp_path, padding, heatmap):
+    det = critic_detector(padding=padding, heatmap=heatmap).fit(blobs(8, seed=1), blobs(8, seed=2), progress=False)
     assert_onnx_parity(det, tmp_path / "model.onnx")
 
 
@@ -133,6 +134,55 @@ def test_nearest_upsampling_has_no_column_parity_at_initialisation(seed):
         return float(power[..., -1].sum() / power[..., 1:].sum())
 
     assert period2_share("transposed") > 0.1 and period2_share("nearest") < 0.03
+
+
+# -- padding=reflect ----------------------------------------------------------------------------
+def _mask_of(image: torch.Tensor, seed: int, padding: str) -> torch.Tensor:
+    torch.manual_seed(seed)
+    gen = MaskedTranslator(1, width=8, residual_blocks=1, upsample="nearest", padding=padding).eval()
+    with torch.no_grad():
+        return gen(image)[2][0, 0]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_reflect_padding_gives_the_edge_no_mask_of_its_own(seed):
+    """The demo's warm band (docs/experiments.md, sections 24 and 26): zero padding tells the pixels near the edge
+    where they are, so even a constant scan gets a mask that differs at the edge. Padded by reflection, every layer
+    of a constant scan is constant, and so is its mask."""
+    constant = torch.full((1, 1, 32, 32), 0.3)
+    zeros, reflect = _mask_of(constant, seed, "zeros"), _mask_of(constant, seed, "reflect")
+    assert float((zeros[:3].mean() - zeros[8:-8, 8:-8].mean()).abs()) > 1e-3
+    assert float(reflect.max() - reflect.min()) < 1e-5
+
+
+def test_reflect_padding_has_the_same_weights_and_starts_from_the_same_ones():
+    """Padding is not a weight: both generators have the same tensors, drawn alike from one seed, so a run with
+    either padding starts where the other does, and the saved config (not the weights) says which pads."""
+    nets = {}
+    for padding in ("zeros", "reflect"):
+        torch.manual_seed(0)
+        nets[padding] = MaskedTranslator(1, width=8, residual_blocks=2, upsample="nearest", padding=padding).state_dict()
+    assert nets["zeros"].keys() == nets["reflect"].keys()
+    for key, value in nets["zeros"].items():
+        torch.testing.assert_close(nets["reflect"][key], value)
+
+
+def test_reflect_padding_survives_save_and_load(tmp_path):
+    det = critic_detector(upsample="nearest", padding="reflect").fit(blobs(8, seed=1), blobs(8, seed=2), progress=False)
+    scores, maps = det.score(blobs(4, seed=5))
+    loaded = Detector.load(det.save(tmp_path / "model"))
+    assert loaded.config.padding == "reflect"
+    assert any(m.padding_mode == "reflect" for m in loaded.generator.modules() if isinstance(m, torch.nn.Conv2d))
+    loaded_scores, loaded_maps = loaded.score(blobs(4, seed=5))
+    np.testing.assert_array_equal(loaded_scores, scores)
+    np.testing.assert_array_equal(loaded_maps, maps)
+
+
+def test_unknown_or_idle_padding_is_a_clear_error():
+    with pytest.raises(ScanomalyError, match="padding must be one of"):
+        HealthyGAN.from_profile("tiny", {"padding": "circular"})
+    with pytest.raises(ScanomalyError, match="generator=lite0 has its own"):
+        HealthyGAN.from_profile("tiny", {"padding": "reflect", "generator": "lite0", "encoder_weights": "random"})
 
 
 def test_unknown_upsample_and_score_are_clear_errors():

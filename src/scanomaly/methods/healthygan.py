@@ -78,6 +78,7 @@ from .patchcore import greedy_coreset
 # networks
 # ---------------------------------------------------------------------------------------------
 UPSAMPLING = ("transposed", "nearest")
+PADDINGS = ("zeros", "reflect")
 
 
 class MaskedTranslator(nn.Module):
@@ -85,30 +86,36 @@ class MaskedTranslator(nn.Module):
     two ups, 7x7 head to C+1 channels: C for the translation T, 1 for the mask M. The ups are the
     original's 4x4 stride-2 transposed convolutions, or (upsample="nearest") a nearest-neighbour x2
     then a 3x3 convolution: transposed convolutions make even and odd columns with different taps,
-    and the mask loss's zero-one term turns that parity into 0/1 stripes (docs/experiments.md)."""
+    and the mask loss's zero-one term turns that parity into 0/1 stripes (docs/experiments.md).
+    padding="reflect" pads every convolution by reflection (CycleGAN's generator does at its stem, residual
+    blocks and head) instead of the original's zeros: zeros tell the pixels near the edge where they are, and
+    the mask loss's zero-one term can keep a band there that no scan asked for (docs/experiments.md, section 26)."""
 
-    def __init__(self, channels: int = 1, width: int = 64, residual_blocks: int = 6, upsample: str = "transposed"):
+    def __init__(self, channels: int = 1, width: int = 64, residual_blocks: int = 6, upsample: str = "transposed",
+                 padding: str = "zeros"):
         super().__init__()
         if upsample not in UPSAMPLING:
             raise ScanomalyError(f"upsample must be one of {UPSAMPLING}, got {upsample!r}")
+        if padding not in PADDINGS:
+            raise ScanomalyError(f"padding must be one of {PADDINGS}, got {padding!r}")
         w = width
         layers: list[nn.Module] = [
-            nn.Conv2d(channels, w, 7, 1, 3, bias=False),
+            nn.Conv2d(channels, w, 7, 1, 3, bias=False, padding_mode=padding),
             nn.InstanceNorm2d(w, affine=True),
             nn.ReLU(inplace=True),
         ]
         for _ in range(2):
-            layers += [nn.Conv2d(w, w * 2, 4, 2, 1, bias=False), nn.InstanceNorm2d(w * 2, affine=True), nn.ReLU(inplace=True)]
+            layers += [nn.Conv2d(w, w * 2, 4, 2, 1, bias=False, padding_mode=padding), nn.InstanceNorm2d(w * 2, affine=True), nn.ReLU(inplace=True)]
             w *= 2
-        layers += [ResidualBlock(w) for _ in range(residual_blocks)]
+        layers += [ResidualBlock(w, padding_mode=padding) for _ in range(residual_blocks)]
         for _ in range(2):
             if upsample == "transposed":  # the original's
-                up = [nn.ConvTranspose2d(w, w // 2, 4, 2, 1, bias=False)]
+                up = [nn.ConvTranspose2d(w, w // 2, 4, 2, 1, bias=False)]  # its output is cropped, not padded
             else:  # even and odd output pixels made by the same taps: no parity pattern for the mask to binarise
-                up = [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(w, w // 2, 3, 1, 1, bias=False)]
+                up = [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(w, w // 2, 3, 1, 1, bias=False, padding_mode=padding)]
             layers += [*up, nn.InstanceNorm2d(w // 2, affine=True), nn.ReLU(inplace=True)]
             w //= 2
-        layers.append(nn.Conv2d(w, channels + 1, 7, 1, 3, bias=False))
+        layers.append(nn.Conv2d(w, channels + 1, 7, 1, 3, bias=False, padding_mode=padding))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -386,6 +393,7 @@ class HealthyGANConfig(LoopConfig):
     # upsample + conv decoder: nn/pretrained_translator.py); width and residual_blocks size its decoder
     generator: str = "stargan"
     upsample: str = "transposed"  # the StarGAN generator's ups: "transposed" (the original's) or "nearest"
+    padding: str = "zeros"  # the StarGAN generator's convolutions pad with "zeros" (the original's) or "reflect"
     encoder_weights: str | None = "imagenet"
     # the critic: "patch" (the paper's strided convolutions, critic_width..critic_max_width) or "lite0" (a frozen
     # EfficientNet-Lite0 trunk under a head of critic_width channels: nn/pretrained_critic.py)
@@ -516,12 +524,14 @@ class HealthyGAN(GANDetector):
                                  f"without the memory: --set {' '.join(fix for _, fix in used)}")
         torch.manual_seed(c.seed)  # the initial weights are part of the seeded run
         if c.generator == "stargan":
-            self.generator = MaskedTranslator(p.channels, c.width, c.residual_blocks, c.upsample)
+            self.generator = MaskedTranslator(p.channels, c.width, c.residual_blocks, c.upsample, c.padding)
         elif c.generator == "lite0":
             encoder = pf.build_extractor("efficientnet_lite0", c.encoder_weights, ENCODER_STAGES, torch.device("cpu"))
             self.generator = PretrainedMaskedTranslator(encoder, p.channels, c.width, c.residual_blocks)
         else:
             raise ScanomalyError(f"generator must be 'stargan' or 'lite0', got {c.generator!r}")
+        if c.padding != "zeros" and c.generator != "stargan":
+            raise ScanomalyError(f"padding={c.padding} sets the StarGAN generator's padding; generator={c.generator} has its own")
         self.generator = self.generator.to(self.device)
         if c.critic == "patch":
             self.critic = PatchCritic(p.channels, p.image_size, c.critic_width, c.critic_max_width)

@@ -19,13 +19,13 @@ from ..distributed import per_sample_rand
 
 
 class ResidualBlock(nn.Module):
-    def __init__(self, channels: int, norm=nn.InstanceNorm2d):
+    def __init__(self, channels: int, norm=nn.InstanceNorm2d, padding_mode: str = "zeros"):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, 1, 1, bias=False),
+            nn.Conv2d(channels, channels, 3, 1, 1, bias=False, padding_mode=padding_mode),
             norm(channels, affine=True),
             nn.ReLU(inplace=True),
-            nn.Conv2d(channels, channels, 3, 1, 1, bias=False),
+            nn.Conv2d(channels, channels, 3, 1, 1, bias=False, padding_mode=padding_mode),
             norm(channels, affine=True),
         )
 
