@@ -195,12 +195,14 @@ def test_unknown_upsample_and_score_are_clear_errors():
 def test_cpu_profile_upsamples_by_nearest_and_scores_with_a_pretrained_critic():
     """The cpu profile is the variant the pre-registered choices picked (BENCHMARKS.md): no transposed
     convolutions (their parity drew striped masks), a critic on a frozen EfficientNet-Lite0 trunk, the
-    critic's deficit as the score, saved with the model, and the nearest healthy patch as the heatmap."""
+    critic's deficit and the memory as the score, saved with the model, and a generator padded by reflection."""
     from scanomaly.nn.pretrained_critic import PretrainedPatchCritic
 
     small = {"width": 8, "residual_blocks": 1, "critic_weights": "random", "iterations": 2, "selection": "last"}
     det = HealthyGAN.from_profile("cpu", small, {"image_size": 32})
     assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in det.generator.modules())
+    convolutions = [m for m in det.generator.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convolutions and all(m.padding_mode == "reflect" for m in convolutions)
     assert isinstance(det.critic, PretrainedPatchCritic)
     det.fit(blobs(8, seed=1), blobs(8, seed=2), progress=False)
     assert any(k.startswith("critic.head") for k in det.state_tensors())

@@ -111,6 +111,7 @@ def test_paper_profile_keeps_the_original_networks_and_the_pixel_score():
     assert det.config.score == "pixel" and det.feature_distance is None
     assert isinstance(det.generator, MaskedTranslator)
     assert any(isinstance(m, torch.nn.ConvTranspose2d) for m in det.generator.modules())
+    assert all(m.padding_mode == "zeros" for m in det.generator.modules() if isinstance(m, torch.nn.Conv2d))
     x = torch.rand(2, 3, 256, 256) * 2 - 1
     with torch.no_grad():
         out = det.scoring_network().eval()(x)
