@@ -178,11 +178,18 @@ def test_reflect_padding_survives_save_and_load(tmp_path):
     np.testing.assert_array_equal(loaded_maps, maps)
 
 
-def test_unknown_or_idle_padding_is_a_clear_error():
-    with pytest.raises(ScanomalyError, match="padding must be one of"):
-        HealthyGAN.from_profile("tiny", {"padding": "circular"})
-    with pytest.raises(ScanomalyError, match="generator=lite0 has its own"):
-        HealthyGAN.from_profile("tiny", {"padding": "reflect", "generator": "lite0", "encoder_weights": "random"})
+def test_padding_reaches_the_lite0_generators_decoder_and_an_unknown_one_is_a_clear_error():
+    """generator=lite0 with the cpu profile's padding: its trained decoder pads by reflection, its frozen ImageNet
+    encoder keeps the zeros it was trained with."""
+    det = HealthyGAN.from_profile("tiny", {"padding": "reflect", "generator": "lite0", "encoder_weights": "random"})
+    convolutions = [(name, m) for name, m in det.generator.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    decoder = [m for name, m in convolutions if not name.startswith("encoder") and any(m.padding)]  # 1 x 1 ones do not pad
+    encoder = [m for name, m in convolutions if name.startswith("encoder")]
+    assert decoder and all(m.padding_mode == "reflect" for m in decoder)
+    assert encoder and all(m.padding_mode == "zeros" for m in encoder)
+    for generator in ("stargan", "lite0"):
+        with pytest.raises(ScanomalyError, match="padding must be one of"):
+            HealthyGAN.from_profile("tiny", {"padding": "circular", "generator": generator, "encoder_weights": "random"})
 
 
 def test_unknown_upsample_and_score_are_clear_errors():

@@ -34,7 +34,7 @@ unlabeled set A and a known-healthy set B; the anomaly is what had to change.
             the image at this scale: docs/experiments.md, sections 10, 17-19)
     option heatmap="mask": the heatmap is the generator's attention mask M itself, where it changes the scan
             (with the mask's target it ranks lesion pixels above the memory it is taught from: section 20)
-    option padding="reflect" (the StarGAN generator): every convolution pads by reflection, as CycleGAN's generator
+    option padding="reflect": every convolution of the generator (lite0: of its decoder) pads by reflection, as CycleGAN's generator
             does, instead of with zeros, which tell the pixels near the edge where they are: the untrained mask then
             starts apart there, and the zero-one term can keep a band no scan asked for (section 26)
 
@@ -397,7 +397,7 @@ class HealthyGANConfig(LoopConfig):
     # upsample + conv decoder: nn/pretrained_translator.py); width and residual_blocks size its decoder
     generator: str = "stargan"
     upsample: str = "transposed"  # the StarGAN generator's ups: "transposed" (the original's) or "nearest"
-    padding: str = "zeros"  # the StarGAN generator's convolutions pad with "zeros" (the original's) or "reflect"
+    padding: str = "zeros"  # the generator's convolutions pad with "zeros" (the original's) or "reflect" (lite0: its decoder's)
     encoder_weights: str | None = "imagenet"
     # the critic: "patch" (the paper's strided convolutions, critic_width..critic_max_width) or "lite0" (a frozen
     # EfficientNet-Lite0 trunk under a head of critic_width channels: nn/pretrained_critic.py)
@@ -529,16 +529,16 @@ class HealthyGAN(GANDetector):
                                  "nearest-patch memory, which searches the pretrained critic's features: it needs "
                                  f"critic=lite0 and the critic's score (got critic={c.critic}, score={c.score}); "
                                  f"without the memory: --set {' '.join(fix for _, fix in used)}")
+        if c.padding not in PADDINGS:
+            raise ScanomalyError(f"padding must be one of {PADDINGS}, got {c.padding!r}")
         torch.manual_seed(c.seed)  # the initial weights are part of the seeded run
         if c.generator == "stargan":
             self.generator = MaskedTranslator(p.channels, c.width, c.residual_blocks, c.upsample, c.padding)
         elif c.generator == "lite0":
             encoder = pf.build_extractor("efficientnet_lite0", c.encoder_weights, ENCODER_STAGES, torch.device("cpu"))
-            self.generator = PretrainedMaskedTranslator(encoder, p.channels, c.width, c.residual_blocks)
+            self.generator = PretrainedMaskedTranslator(encoder, p.channels, c.width, c.residual_blocks, c.padding)
         else:
             raise ScanomalyError(f"generator must be 'stargan' or 'lite0', got {c.generator!r}")
-        if c.padding != "zeros" and c.generator != "stargan":
-            raise ScanomalyError(f"padding={c.padding} sets the StarGAN generator's padding; generator={c.generator} has its own")
         self.generator = self.generator.to(self.device)
         if c.critic == "patch":
             self.critic = PatchCritic(p.channels, p.image_size, c.critic_width, c.critic_max_width)

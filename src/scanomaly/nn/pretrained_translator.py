@@ -8,7 +8,8 @@ each training step runs it forward only). The decoder upsamples by nearest-neigh
 3x3 convolution (no transposed convolutions, whose uneven overlap draws checkerboards; Odena et al.
 2016) and takes the encoder's map of each resolution as a skip connection (U-Net), the input itself
 at the last one. The heads and the blend are HealthyGAN's: T = tanh, M = (tanh + 1) / 2,
-healthy(x) = M·T + (1 − M)·x.
+healthy(x) = M·T + (1 − M)·x. `padding` pads the decoder's convolutions ("zeros" or "reflect", as the StarGAN
+generator's option); the frozen encoder keeps the zeros it was trained with.
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ from .blocks import ResidualBlock
 ENCODER_STAGES = ("stage1", "stage2", "stage3")  # strides 2, 4, 8
 
 
-def _conv_in_relu(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.InstanceNorm2d(cout, affine=True), nn.ReLU(inplace=True))
+def _conv_in_relu(cin: int, cout: int, padding: str) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, 1, 1, bias=False, padding_mode=padding),
+                         nn.InstanceNorm2d(cout, affine=True), nn.ReLU(inplace=True))
 
 
 class PretrainedMaskedTranslator(nn.Module):
     """x -> (healthy, T, M) like `MaskedTranslator`, on a frozen pretrained encoder."""
 
-    def __init__(self, encoder: FeatureExtractor, channels: int = 1, width: int = 32, residual_blocks: int = 2):
+    def __init__(self, encoder: FeatureExtractor, channels: int = 1, width: int = 32, residual_blocks: int = 2,
+                 padding: str = "zeros"):
         super().__init__()
         if tuple(encoder.stages) != ENCODER_STAGES:
             raise ValueError(f"the encoder must give the stages {ENCODER_STAGES}, got {encoder.stages}")
@@ -39,12 +42,12 @@ class PretrainedMaskedTranslator(nn.Module):
         w = width
         self.bottleneck = nn.Sequential(
             nn.Conv2d(c3, 4 * w, 1, bias=False), nn.InstanceNorm2d(4 * w, affine=True), nn.ReLU(inplace=True),
-            *[ResidualBlock(4 * w) for _ in range(residual_blocks)],
+            *[ResidualBlock(4 * w, padding_mode=padding) for _ in range(residual_blocks)],
         )
-        self.up2 = _conv_in_relu(4 * w + c2, 2 * w)  # at stride 4
-        self.up1 = _conv_in_relu(2 * w + c1, w)  # at stride 2
-        self.up0 = _conv_in_relu(w + channels, w)  # at the input's resolution
-        self.head = nn.Conv2d(w, channels + 1, 3, 1, 1, bias=False)
+        self.up2 = _conv_in_relu(4 * w + c2, 2 * w, padding)  # at stride 4
+        self.up1 = _conv_in_relu(2 * w + c1, w, padding)  # at stride 2
+        self.up0 = _conv_in_relu(w + channels, w, padding)  # at the input's resolution
+        self.head = nn.Conv2d(w, channels + 1, 3, 1, 1, bias=False, padding_mode=padding)
 
     @staticmethod
     def _up(h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
