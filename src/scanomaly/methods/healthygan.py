@@ -52,7 +52,7 @@ critic's deficit (BENCHMARKS.md, "The critic's score and the patch memory togeth
 the other methods do: the histogram equalisation it used until 2026-12-04 erased what tells brain MRI groups apart
 (BENCHMARKS.md, "Every scan as the other methods see it"). Its mask is taught by that memory (mask_target; BENCHMARKS.md,
 "A mask taught by the memory"), that mask is its heatmap (BENCHMARKS.md, "The mask as the heatmap"), and its generator
-pads by reflection (BENCHMARKS.md, "A generator padded by reflection").
+pads by reflection (BENCHMARKS.md, "A generator padded by reflection, adopted").
 """
 
 from __future__ import annotations
