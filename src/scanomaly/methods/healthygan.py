@@ -100,8 +100,6 @@ class MaskedTranslator(nn.Module):
         super().__init__()
         if upsample not in UPSAMPLING:
             raise ScanomalyError(f"upsample must be one of {UPSAMPLING}, got {upsample!r}")
-        if padding not in PADDINGS:
-            raise ScanomalyError(f"padding must be one of {PADDINGS}, got {padding!r}")
         w = width
         layers: list[nn.Module] = [
             nn.Conv2d(channels, w, 7, 1, 3, bias=False, padding_mode=padding),
@@ -529,7 +527,7 @@ class HealthyGAN(GANDetector):
                                  "nearest-patch memory, which searches the pretrained critic's features: it needs "
                                  f"critic=lite0 and the critic's score (got critic={c.critic}, score={c.score}); "
                                  f"without the memory: --set {' '.join(fix for _, fix in used)}")
-        if c.padding not in PADDINGS:
+        if c.padding not in PADDINGS:  # checked once for both generators
             raise ScanomalyError(f"padding must be one of {PADDINGS}, got {c.padding!r}")
         torch.manual_seed(c.seed)  # the initial weights are part of the seeded run
         if c.generator == "stargan":
