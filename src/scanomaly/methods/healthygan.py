@@ -442,7 +442,7 @@ class HealthyGAN(GANDetector):
             "config": {},
             "preprocessing": {"image_size": 256, "channels": 3, "top_crop": 0.08},
         },
-        # ~19 minutes on 2 free CPU cores. What made the original recipe learn at this scale, each step chosen
+        # ~21 minutes on 2 free CPU cores (chest, 2026-12-06). What made the original recipe learn at this scale, each step chosen
         # on chest validation data (BENCHMARKS.md, HealthyGAN cpu profile; 2026-11): a wider critic (64→512),
         # histogram equalisation of every scan, lr 3e-4, the paper's 2 critic steps per generator step, and the
         # original's masks (about 0.5 at initialisation) with a 5x identity weight on B, which anchors the translation.
