@@ -73,6 +73,22 @@ def unseen_records(split, per_class: int, seed: int = 0) -> list:
     return per_label_sample(split.healthy_holdout + split.unlabeled + split.val_abnormal + split.unused, per_class, seed)
 
 
+def as_parts(det, split, load):
+    """Set the model to score its two parts (the critic's deficit; the memory's map, with B's bank) and rebuild what fit
+    held out, as fit does: (B's images, B's training scans, the held-out healthy scans, the scans the parts' spreads are
+    measured on: those and the AUCp pool split off A)."""
+    c = det.config
+    healthy = load(split.healthy)
+    det.config.score, det.config.heatmap = "critic", "nearest"
+    det.healthy_patches = det.healthy_patch_bank(healthy.images)
+    _, pool = _split_off(load(without_labels(split.unlabeled)).images, c.holdout_fraction, c.seed)
+    if split.healthy_holdout:  # the hold-out given to fit, else split off B
+        b_train, hold = healthy.images, load(split.healthy_holdout).images
+    else:
+        b_train, hold = _split_off(healthy.images, c.holdout_fraction, c.seed)
+    return healthy, b_train, hold, torch.cat([hold, pool[: c.aucp_pool]])
+
+
 def components(det, images) -> np.ndarray:
     """[N, 2]: the critic's deficit and the maximum of the nearest-patch map."""
     scores, maps = det.score(images)
@@ -164,13 +180,7 @@ def main() -> None:
     for run in args.runs:
         det, split, load = open_run(run)
         c = det.config
-        healthy = load(split.healthy)
-        det.config.score, det.config.heatmap = "critic", "nearest"  # the parts: the critic's deficit, the memory's map
-        det.healthy_patches = det.healthy_patch_bank(healthy.images)
-        # the scans AUCp compared: the hold-out given to fit (else split off B) and the pool split off A, as fit does
-        _, pool = _split_off(load(without_labels(split.unlabeled)).images, c.holdout_fraction, c.seed)
-        hold = load(split.healthy_holdout).images if split.healthy_holdout else _split_off(healthy.images, c.holdout_fraction, c.seed)[1]
-        sigma_scans = torch.cat([hold, pool[: c.aucp_pool]])
+        healthy, b_train, hold, sigma_scans = as_parts(det, split, load)
         sigma = components(det, sigma_scans).std(0, ddof=1)
         if args.translation:  # candidate T's third part is scaled over the same unseen scans
             distance = feature_distance(det)
@@ -182,10 +192,9 @@ def main() -> None:
             sigma_x = float(np.maximum(s1 / scale_1, s3 / scale_3).std(ddof=1))
         # W (section 15): the critic's part weighted by w = clip(2 (1 − m), 0, 1), m its memorisation of B as fit
         # measures it (B's training scans against the held-out healthy ones)
-        b_train = healthy.images if split.healthy_holdout else _split_off(healthy.images, c.holdout_fraction, c.seed)[0]
         m = det._critic_memorisation(b_train, hold)
         weight = critic_weight(m)
-        row = {"sigma": sigma.tolist(), "n_sigma": len(hold) + len(pool[: c.aucp_pool]), "memorisation": m, "w": weight}
+        row = {"sigma": sigma.tolist(), "n_sigma": len(sigma_scans), "memorisation": m, "w": weight}
         parts = {"val": load(split.val)}
         if args.unseen:
             parts["unseen"] = load(unseen_records(split, args.per_class))

@@ -42,17 +42,11 @@ What differs from the official code, and why (measured in BENCHMARKS.md): the le
 decays linearly to 0 over the last quarter (the official decrement is ~1e-9 per step, i.e. none);
 scoring uses an exponential moving average of the generator's weights; the critic's depth and
 width follow the image size; and the scoring checkpoint can be chosen label-free by AUCp (the
-authors' pseudo-AUC of held-out healthy scans against the unlabeled pool). The cpu profile also
-weights the identity term 5x and the mask term 10x (the paper: 1 and 0.1; at 0.1 the masks came to
-cover the whole image), upsamples by nearest resizing and scores with the critic's deficit
-(BENCHMARKS.md, "choosing the cpu profile"), its critic judges frozen EfficientNet-Lite0 features
-(BENCHMARKS.md, "A critic on pretrained features"), its heatmap is the nearest healthy patch on those features
-(BENCHMARKS.md, "The nearest healthy patch as the heatmap"), and its score adds that memory's maximum to the
-critic's deficit (BENCHMARKS.md, "The critic's score and the patch memory together"). It sees every scan as
-the other methods do: the histogram equalisation it used until 2026-12-04 erased what tells brain MRI groups apart
-(BENCHMARKS.md, "Every scan as the other methods see it"). Its mask is taught by that memory (mask_target; BENCHMARKS.md,
-"A mask taught by the memory"), that mask is its heatmap (BENCHMARKS.md, "The mask as the heatmap"), and its generator
-pads by reflection (BENCHMARKS.md, "A generator padded by reflection, adopted").
+authors' pseudo-AUC of held-out healthy scans against the unlabeled pool). The cpu profile goes further,
+each step chosen by a rule written before its runs (the profile's comment; docs/experiments.md): nearest
+upsampling and reflection padding in the generator, identity weight 5 and mask weight 1, a critic on frozen
+EfficientNet-Lite0 features, the mask taught by the memory of healthy patches on that trunk, the critic's deficit
+plus that memory's maximum as the score, and the mask as the heatmap.
 """
 
 from __future__ import annotations
@@ -442,33 +436,16 @@ class HealthyGAN(GANDetector):
             "config": {},
             "preprocessing": {"image_size": 256, "channels": 3, "top_crop": 0.08},
         },
-        # ~21 minutes on 2 free CPU cores (chest, 2026-12-06). What made the original recipe learn at this scale, each step chosen
-        # on chest validation data (BENCHMARKS.md, HealthyGAN cpu profile; 2026-11): a wider critic (64→512),
-        # histogram equalisation of every scan, lr 3e-4, the paper's 2 critic steps per generator step, and the
-        # original's masks (about 0.5 at initialisation) with a 5x identity weight on B, which anchors the translation.
-        # Then, chosen by a rule written before the runs, on validation across four data sets (BENCHMARKS.md,
-        # "choosing the cpu profile"; 2026-12-03): nearest upsampling (transposed convolutions drew the masks
-        # as 0/1 stripes, column by column), a mask weight of 1 (at 0.1, masks covering the whole image were the
-        # losses' cheapest solution: reconstruction is free where M = 1), the critic's deficit as the score (it
-        # ranks scans better than the change of the translation it trained) and 1,000 iterations. AUCp picks the
-        # checkpoint. The betas and the schedule are the paper's. Since 2026-12-04, by a second rule written before
-        # its runs (BENCHMARKS.md, "A critic on pretrained features"; validation, four data sets: 0.799 against
-        # 0.760), the critic judges frozen EfficientNet-Lite0 features (critic="lite0"); critic_width sizes its head.
-        # And by a third (docs/experiments.md, section 12; lgg_flair validation, the only set with lesion masks, three
-        # seeds: pixel AUROC inside the head 0.810 against 0.704), the heatmap is the nearest healthy patch on that
-        # trunk (heatmap="nearest"); the scores are the critic's, unchanged. And by a fourth (section 13; validation
-        # across the four sets: 0.876 against 0.796, neither large set losing more than 0.02), the score adds that
-        # memory's maximum to the critic's deficit, each over its spread on unseen scans (score="critic+nearest").
-        # And by a fifth (section 14; criterion on the wider non-test sets 0.837 against 0.807), every scan as the
-        # other methods get it: neither histogram equalisation nor the paper's 8% top crop of chest X-rays. And by a
-        # sixth (section 15; 0.852 against 0.837), the critic's part weighs less as it memorises B (`critic_weight`).
-        # And by a seventh (section 19; masks coherent and small on every set and seed, criterion 0.858 against 0.852),
-        # the mask is taught where the memory finds the scan unlike healthy ones (mask_target): without it the masks
-        # emptied out (seeds 0-1) or filled the image (seed 2), and the translation healed nothing. And by an eighth
-        # (section 20; lgg_flair's 695 unused lesion slices, three seeds: pixel AUROC inside the head 0.892 against
-        # 0.877), that mask is the heatmap (heatmap="mask"): HealthyGAN's own "where it had to change". And by a ninth
-        # (section 26; the demo's warm band gone at three seeds, edge step 0.33 -> 0.002-0.010, criterion 0.854 against
-        # 0.858, within the 0.01 allowed), the generator pads by reflection (padding="reflect"), not with zeros.
+        # ~21 minutes on 2 free CPU cores (chest, 2026-12-06). The original recipe first made to learn at this scale on
+        # chest validation data (2026-11: lr 3e-4, the paper's 2 critic steps, a 5x identity weight that anchors the
+        # translation); then each part below replaced the paper's by a rule written before its runs, decided on
+        # validation data or wider non-test sets across four data sets (docs/experiments.md, the section in brackets):
+        # nearest upsampling, as transposed convolutions drew the masks as 0/1 stripes, and a mask weight of 1, as at
+        # 0.1 masks covering the image were the losses' cheapest solution (6); a critic on frozen EfficientNet-Lite0
+        # features (8); its deficit plus the nearest-patch memory's maximum as the score (13), the critic's part weighted
+        # down as it memorises B (15); every scan as the other methods get it, without histogram equalisation or the
+        # top crop (14); the mask taught where the memory finds the scan unlike healthy ones, without which it emptied
+        # out or filled the image (19); that mask as the heatmap (20); the generator padded by reflection (26).
         "cpu": {
             "config": {
                 "lr": 3e-4,
