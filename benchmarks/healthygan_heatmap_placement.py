@@ -32,6 +32,13 @@ def regions(size: int) -> dict[str, np.ndarray]:
     return {"sides": sides, "top": top, "middle": middle}
 
 
+def warmer_with_disease(maps: np.ndarray, labels: np.ndarray) -> str:
+    """How the positive part of (abnormal scans' mean map − normal scans' mean map) divides among the regions."""
+    warmer = np.clip(maps[labels == 1].mean(0) - maps[labels == 0].mean(0), 0, None)
+    warmer = warmer / max(warmer.sum(), 1e-12)
+    return ", ".join(f"{k} {warmer[m].sum():.2f}" for k, m in regions(maps.shape[-1]).items())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path)
@@ -55,9 +62,7 @@ def main() -> None:
             shares = ", ".join(f"{k} {w[:, m].sum(1).mean():.2f}" for k, m in masks.items())
             in_middle = masks["middle"].reshape(-1)[peaks].mean()
             print(f"  {heatmap:8s} {name:9s} share of the map: {shares}; peak in the middle: {in_middle:.2f}", flush=True)
-        warmer = np.clip(maps[labels == 1].mean(0) - maps[labels == 0].mean(0), 0, None)
-        warmer = warmer / max(warmer.sum(), 1e-12)
-        print(f"  {heatmap:8s} abnormal minus normal, share: " + ", ".join(f"{k} {warmer[m].sum():.2f}" for k, m in masks.items()))
+        print(f"  {heatmap:8s} abnormal minus normal, share: " + warmer_with_disease(maps, labels))
 
 
 if __name__ == "__main__":

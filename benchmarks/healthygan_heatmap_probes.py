@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from healthygan_fused_score import open_run
-from healthygan_heatmap_placement import regions
+from healthygan_heatmap_placement import regions, warmer_with_disease
 from scanomaly.localization import foreground_mask, pixel_auroc
 from scanomaly.methods import _patch_features as pf
 
@@ -56,16 +56,16 @@ def blur(maps: torch.Tensor, size: int) -> np.ndarray:
     return pf.to_anomaly_map(maps, size, 4.0).numpy()
 
 
-def window_maps(critic, healthy: torch.Tensor, x: torch.Tensor, radius: int) -> np.ndarray:
+def window_maps(det, healthy: torch.Tensor, x: torch.Tensor, radius: int) -> np.ndarray:
     """The nearest-patch map with each patch compared only with B's patches within `radius` grid cells of its position."""
-    with torch.no_grad():
-        bank, f = (torch.cat([critic.features(v[i : i + 64]).float() for i in range(0, len(v), 64)]) for v in (healthy, x))
-        n, c, h, w = f.shape
-        distance = torch.zeros(n, h, w)
-        for i in range(h):
-            for j in range(w):
-                near = bank[:, :, max(0, i - radius) : i + radius + 1, max(0, j - radius) : j + radius + 1]
-                distance[:, i, j] = torch.cdist(f[:, :, i, j], near.permute(0, 2, 3, 1).reshape(-1, c)).amin(1)
+    bank, f = (det.trunk_patches(v) for v in (healthy, x))  # [N·h·w, C], position by position within each scan
+    side = int(round((len(f) / len(x)) ** 0.5))
+    bank, f = bank.view(len(healthy), side, side, -1), f.view(len(x), side, side, -1)
+    distance = torch.zeros(len(x), side, side)
+    for i in range(side):
+        for j in range(side):
+            near = bank[:, max(0, i - radius) : i + radius + 1, max(0, j - radius) : j + radius + 1]
+            distance[:, i, j] = torch.cdist(f[:, i, j], near.reshape(-1, f.shape[-1])).amin(1)
     return blur(distance, x.shape[-1])
 
 
@@ -78,18 +78,11 @@ def maps_of(det, healthy: torch.Tensor, x: torch.Tensor, args) -> dict[str, np.n
         out["proj"].append(blur(p, x.shape[-1]))
     result = {k: np.concatenate(v) for k, v in out.items()}
     for radius in args.window:
-        result[f"window {radius}"] = window_maps(critic, healthy, x, radius)
+        result[f"window {radius}"] = window_maps(det, healthy, x, radius)
     for heatmap in ("mask", "nearest", "score"):
         det.config.heatmap = heatmap
         result[heatmap] = np.asarray(det.score(x)[1])
     return result
-
-
-def placement(maps: np.ndarray, labels: np.ndarray) -> str:
-    masks = regions(maps.shape[-1])
-    warmer = np.clip(maps[labels == 1].mean(0) - maps[labels == 0].mean(0), 0, None)
-    warmer = warmer / max(warmer.sum(), 1e-12)
-    return "abnormal minus normal: " + ", ".join(f"{k} {warmer[m].sum():.2f}" for k, m in masks.items())
 
 
 def main() -> None:
@@ -101,7 +94,6 @@ def main() -> None:
     ap.add_argument("--window", type=int, nargs="*", default=[1, 3], help="radii of the positional memory, in grid cells")
     ap.add_argument("--limit", type=int, default=0, help="at most this many scans (0: all)")
     args = ap.parse_args()
-    torch.manual_seed(0)
     for run in args.runs:
         det, split, load = open_run(run)
         lesioned = [r for r in split.unused if r.label == 1]
@@ -122,7 +114,7 @@ def main() -> None:
             print(f"{run} validation ({int(labels.sum())} abnormal, {int((labels == 0).sum())} normal), area: " + ", ".join(
                 f"{k} {m.mean():.2f}" for k, m in regions(x.shape[-1]).items()), f"({time.perf_counter() - t0:.0f} s)")
             for k, v in maps.items():
-                print(f"  {k:8s} {placement(v, labels)}", flush=True)
+                print(f"  {k:8s} abnormal minus normal: {warmer_with_disease(v, labels)}", flush=True)
 
 
 if __name__ == "__main__":
